@@ -1,0 +1,3 @@
+from jaxgrok.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The `jaxgrok` command: run a sweep, analyse its results, benchmark the engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxgrok.sweep import SweepError, load_sweep
+
+
+class _Display:
+    """A live progress bar on a terminal; one line per chunk otherwise (logs, CI, pipes)."""
+
+    def __init__(self, total: int, live: bool):
+        self.live = live
+        if live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, info="compiling…")
+            self.bar.start()
+
+    def __call__(self, p) -> None:
+        info = (f"{p.steps_done:,}/{p.steps_total:,} model-steps · memorised {p.memorised} · "
+                f"grokked {p.grokked} · {p.model_steps_per_s:,.0f} model-steps/s")
+        if p.n_batches > 1:
+            info += f" · batch {p.batch + 1}/{p.n_batches}"
+        if self.live:
+            self.bar.update(self.task, completed=p.steps_done, info=info)
+        else:
+            print(info, flush=True)
+
+    def close(self) -> None:
+        if self.live:
+            self.bar.stop()
+
+
+def _summary(result, out: Path) -> str:
+    o = result.outcomes
+    n = len(result.index)
+    grokked = int((~o["censored"]).sum())
+    lines = [f"{n} runs: {grokked} grokked ({grokked / n:.0%}), {n - grokked} censored at "
+             f"{result.sweep.static.train.steps} steps, {int(o['diverged'].sum())} diverged"]
+    if grokked:
+        lines.append(f"median t_val of the grokked runs: {np.median(o['t_val'][~o['censored']]):.0f} steps "
+                     f"(median delay after t_train: {np.nanmedian(o['delay']):.0f})")
+    phases, counts = np.unique(o["phase"], return_counts=True)
+    lines.append("phases: " + ", ".join(f"{p} {c}" for p, c in zip(phases, counts)))
+    lines.append(f"compile {result.compile_s:.1f} s, train {result.train_s:.1f} s "
+                 f"({n * result.sweep.static.train.steps / max(result.train_s, 1e-9):,.0f} model-steps/s)")
+    lines.append(f"wrote {out / 'runs.parquet'} and {out / 'curves.parquet'}")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from jaxgrok import engine, results
+
+    sweep = load_sweep(args.sweep, args.set)  # every input error surfaces here, before any output
+    out = Path(args.out) if args.out else Path("results") / sweep.name
+    display = _Display(sweep.n_runs * sweep.static.train.steps, live=sys.stdout.isatty() and not args.quiet)
+    print(f"{sweep.name}: {sweep.n_runs} runs × {sweep.static.train.steps} steps "
+          f"({sweep.static.model.kind} on {sweep.static.task.op}); following {sweep.paper}", flush=True)
+    try:
+        result = engine.train_sweep(sweep, on_chunk=None if args.quiet else display)
+    finally:
+        display.close()
+    results.write_atomic(result.runs_table(), out / "runs.parquet")
+    results.write_atomic(result.curves_table(), out / "curves.parquet")
+    print(_summary(result, out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxgrok", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train every run of a sweep file and write Parquet results")
+    run.add_argument("sweep", help="a sweep file, e.g. sweeps/quickstart.toml")
+    run.add_argument("--out", help="results directory (default results/<sweep name>/)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a value of the sweep file, e.g. --set steps=500 or --set sweep.seed='{count=4}'")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SweepError as e:
+        print(f"jaxgrok: error: {e}", file=sys.stderr)
+        return 2

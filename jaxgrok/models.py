@@ -1,0 +1,182 @@
+"""Models as pure functions: `init(key) -> params` and `apply(params, pairs[N, 2]) -> logits[N, C]`.
+
+Plain JAX over dict pytrees, so that `jax.vmap` over a run axis turns one model into hundreds.
+Initializations follow the reference implementations each model comes from.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
+
+
+class Model(NamedTuple):
+    init: Callable  # key -> params
+    apply: Callable  # (params, pairs int32[N, 2]) -> logits float32[N, n_classes]
+    forward_flops: Callable  # n_pairs -> matmul FLOPs of one forward pass (2·m·n·k each)
+    activations: Callable  # n_pairs -> floats one forward pass keeps for the backward pass
+
+
+def _uniform(key, shape, fan_in):
+    """PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
+    bound = 1.0 / fan_in**0.5
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding + MLP: two token embeddings, concatenated, one hidden layer.
+
+
+def mlp(cfg, n_symbols: int, n_classes: int) -> Model:
+    d, h = cfg.d_embed, cfg.d_hidden
+    act = ACTIVATIONS[cfg.activation]
+
+    def init(key):
+        k = jax.random.split(key, 6)
+        return {
+            "embed_a": jax.random.normal(k[0], (n_symbols, d)),  # nn.Embedding: N(0, 1)
+            "embed_b": jax.random.normal(k[1], (n_symbols, d)),
+            "w1": _uniform(k[2], (2 * d, h), 2 * d),
+            "b1": _uniform(k[3], (h,), 2 * d),
+            "w2": _uniform(k[4], (h, n_classes), h),
+            "b2": _uniform(k[5], (n_classes,), h),
+        }
+
+    def apply(params, pairs):
+        # concat(Ea[a], Eb[b]) @ W1 == (Ea @ W1[:d])[a] + (Eb @ W1[d:])[b]: project the n_symbols
+        # embeddings once instead of the embeddings of all N pairs (N = n_symbols² here).
+        proj_a = params["embed_a"] @ params["w1"][:d]
+        proj_b = params["embed_b"] @ params["w1"][d:]
+        hidden = act(proj_a[pairs[:, 0]] + proj_b[pairs[:, 1]] + params["b1"])
+        return hidden @ params["w2"] + params["b2"]
+
+    return Model(
+        init, apply,
+        forward_flops=lambda n: 2 * (2 * n_symbols * d * h) + n * 2 * h * n_classes,
+        activations=lambda n: 2 * n_symbols * h + n * (2 * h + n_classes),
+    )
+
+
+def mlp_plain(params, pairs, activation="relu"):
+    """The textbook form of `mlp`'s forward pass: the reference that the rewrite is tested against."""
+    x = jnp.concatenate([params["embed_a"][pairs[:, 0]], params["embed_b"][pairs[:, 1]]], axis=-1)
+    hidden = ACTIVATIONS[activation](x @ params["w1"] + params["b1"])
+    return hidden @ params["w2"] + params["b2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder-only transformer on "a b =" (Nanda et al. 2023; Power et al. 2022 with layer_norm).
+
+
+def _layer_norm(x, scale, bias, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def transformer(cfg, n_symbols: int, n_classes: int) -> Model:
+    d, H, m, L = cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.n_layers
+    dh = d // H
+    n_ctx, vocab = 3, n_symbols + 1  # tokens a, b and "=" (id n_symbols)
+    act = ACTIVATIONS[cfg.activation]
+
+    def init(key):
+        # Nanda et al.'s initialization: Gaussian with std 1/sqrt(d_model) (unembed: 1/sqrt(vocab)).
+        keys = iter(jax.random.split(key, 3 + 6 * L))
+        normal = lambda shape, fan: jax.random.normal(next(keys), shape) / fan**0.5  # noqa: E731
+        params = {
+            "embed": normal((vocab, d), d),
+            "pos": normal((n_ctx, d), d),
+            "unembed": normal((d, n_classes), vocab),
+            "layers": [],
+        }
+        for _ in range(L):
+            layer = {
+                "wq": normal((d, H, dh), d), "wk": normal((d, H, dh), d), "wv": normal((d, H, dh), d),
+                "wo": normal((H, dh, d), d),
+                "w_in": normal((d, m), d), "b_in": jnp.zeros(m),
+                "w_out": normal((m, d), d), "b_out": jnp.zeros(d),
+            }
+            if cfg.layer_norm:
+                layer |= {"ln1_s": jnp.ones(d), "ln1_b": jnp.zeros(d), "ln2_s": jnp.ones(d), "ln2_b": jnp.zeros(d)}
+            params["layers"].append(layer)
+        return params
+
+    causal = jnp.tril(jnp.ones((n_ctx, n_ctx), bool))
+
+    def block(layer, x, last_only):
+        # In the last layer only position "=" feeds the logits: compute its query and MLP alone.
+        xq = x[:, -1:] if last_only else x
+        q = jnp.einsum("npd,dhk->nhpk", xq, layer["wq"])
+        k = jnp.einsum("npd,dhk->nhpk", x, layer["wk"])
+        v = jnp.einsum("npd,dhk->nhpk", x, layer["wv"])
+        scores = jnp.einsum("nhqk,nhsk->nhqs", q, k) / dh**0.5
+        mask = causal[-1:] if last_only else causal
+        scores = jnp.where(mask, scores, -jnp.inf)
+        z = jnp.einsum("nhqs,nhsk->nhqk", jax.nn.softmax(scores, -1), v)
+        attn = jnp.einsum("nhqk,hkd->nqd", z, layer["wo"])
+        x = xq + attn
+        if cfg.layer_norm:  # post-LN, as in Power et al.'s code
+            x = _layer_norm(x, layer["ln1_s"], layer["ln1_b"])
+        out = act(x @ layer["w_in"] + layer["b_in"]) @ layer["w_out"] + layer["b_out"]
+        x = x + out
+        if cfg.layer_norm:
+            x = _layer_norm(x, layer["ln2_s"], layer["ln2_b"])
+        return x
+
+    def apply(params, pairs):
+        tokens = jnp.concatenate([pairs, jnp.full((pairs.shape[0], 1), n_symbols, pairs.dtype)], 1)
+        x = params["embed"][tokens] + params["pos"]
+        for i, layer in enumerate(params["layers"]):
+            x = block(layer, x, last_only=i == L - 1)
+        return x[:, -1] @ params["unembed"]
+
+    # Per pair, forward: QKV on 3 positions (2 in the last layer: Q only at "="), attention, O, MLP.
+    full = 3 * (3 * 2 * d * d) + 2 * 3 * 3 * d + 3 * 2 * d * d + 3 * 2 * 2 * d * m
+    last = (2 * 3 + 1) * 2 * d * d + 2 * 2 * 3 * d + 2 * d * d + 2 * 2 * d * m
+    return Model(
+        init, apply,
+        forward_flops=lambda n: n * ((L - 1) * full + last + 2 * d * n_classes),
+        activations=lambda n: n * (L * n_ctx * (6 * d + 3 * H * n_ctx + 2 * m) + n_classes),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Gromov 2023: one-hot (a, b) -> W1 -> x² -> W2, no biases.
+
+
+def gromov(cfg, n_symbols: int, n_classes: int) -> Model:
+    n = cfg.d_hidden
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {
+            "w1": jax.random.normal(k1, (2 * n_symbols, n)) / (2 * n_symbols) ** 0.5,
+            "w2": jax.random.normal(k2, (n, n_classes)) / n**0.5,
+        }
+
+    def apply(params, pairs):
+        # one_hot(a, b) @ W1 is a sum of two rows of W1: gather them instead of multiplying.
+        pre = params["w1"][pairs[:, 0]] + params["w1"][n_symbols + pairs[:, 1]]
+        return (pre**2) @ params["w2"]
+
+    return Model(
+        init, apply,
+        forward_flops=lambda pairs: pairs * 2 * n * n_classes,
+        activations=lambda pairs: pairs * (2 * n + n_classes),
+    )
+
+
+BUILDERS = {"mlp": mlp, "transformer": transformer, "gromov": gromov}
+
+
+def build(cfg, n_symbols: int, n_classes: int) -> Model:
+    return BUILDERS[cfg.kind](cfg, n_symbols, n_classes)
+
+
+def n_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,148 @@
+"""Parquet output: runs.parquet (one row per run) and curves.parquet (one row per run and step).
+
+Fixed pyarrow schemas; the resolved sweep and the package versions ride in the schema metadata.
+Every file is written under a temporary name and renamed, so it appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jaxgrok import tasks
+from jaxgrok.sweep import AXES
+
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.int32()),
+    ("run_hash", pa.string()),
+    ("seed", pa.int64()),
+    ("data_seed", pa.int64()),
+    ("weight_decay", pa.float64()),
+    ("learning_rate", pa.float64()),
+    ("init_scale", pa.float64()),
+    ("train_fraction", pa.float64()),
+    ("n_train", pa.int32()),
+    ("steps", pa.int64()),
+    ("t_train", pa.int64()),  # null: never memorised
+    ("t_val", pa.int64()),  # null: censored
+    ("delay", pa.int64()),
+    ("censored", pa.bool_()),
+    ("phase", pa.string()),
+    ("diverged", pa.bool_()),
+    ("final_train_loss", pa.float32()),
+    ("final_train_acc", pa.float32()),
+    ("final_val_loss", pa.float32()),
+    ("final_val_acc", pa.float32()),
+    ("final_weight_norm", pa.float32()),
+])
+
+CURVES_SCHEMA = pa.schema([
+    ("run_id", pa.int32()),
+    ("step", pa.int64()),
+    ("train_loss", pa.float32()),
+    ("train_acc", pa.float32()),
+    ("val_loss", pa.float32()),
+    ("val_acc", pa.float32()),
+    ("weight_norm", pa.float32()),
+])
+
+KIND_KEY = b"jaxgrok.kind"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("jaxgrok", "jax", "jaxlib", "flax", "optax", "numpy", "pyarrow"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def metadata(kind: str, resolved: dict) -> dict[bytes, bytes]:
+    return {
+        KIND_KEY: kind.encode(),
+        b"jaxgrok.sweep": json.dumps(resolved, sort_keys=True).encode(),
+        b"jaxgrok.versions": json.dumps(versions(), sort_keys=True).encode(),
+    }
+
+
+def _nullable_int(x: np.ndarray) -> pa.Array:
+    x = np.asarray(x, np.float64)
+    return pa.array(np.nan_to_num(x, nan=0).astype(np.int64), pa.int64(), mask=np.isnan(x))
+
+
+def runs_table(sweep, index, outcomes, finals) -> pa.Table:
+    """One row per run. `index`: the runs' positions in the sweep; `outcomes`: grokking.analyse();
+    `finals`: the last evaluation's metrics, name -> [runs]."""
+    run_hashes = sweep.run_hashes()
+    n_pairs = tasks.n_pairs(sweep.static.task)
+    cols = {
+        "run_id": pa.array(index, pa.int32()),
+        "run_hash": pa.array([run_hashes[i] for i in index], pa.string()),
+        **{a: pa.array(sweep.runs[a][index], RUNS_SCHEMA.field(a).type) for a in AXES},
+        "n_train": pa.array(np.round(sweep.runs["train_fraction"][index] * n_pairs), pa.int32()),
+        "steps": pa.array(np.full(len(index), sweep.static.train.steps), pa.int64()),
+        "t_train": _nullable_int(outcomes["t_train"]),
+        "t_val": _nullable_int(outcomes["t_val"]),
+        "delay": _nullable_int(outcomes["delay"]),
+        "censored": pa.array(outcomes["censored"], pa.bool_()),
+        "phase": pa.array(outcomes["phase"].astype(str), pa.string()),
+        "diverged": pa.array(outcomes["diverged"], pa.bool_()),
+        **{f"final_{m}": pa.array(finals[m], pa.float32()) for m in
+           ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")},
+    }
+    return pa.Table.from_pydict(cols, schema=RUNS_SCHEMA.with_metadata(metadata("runs", sweep.resolved)))
+
+
+def curves_table(index, steps, curves: dict[str, np.ndarray], resolved) -> pa.Table:
+    """Long format: one row per (run, evaluated step). `curves`: metric -> [runs, evals]."""
+    n_runs, n_evals = len(index), len(steps)
+    cols = {
+        "run_id": pa.array(np.repeat(np.asarray(index, np.int32), n_evals), pa.int32()),
+        "step": pa.array(np.tile(np.asarray(steps, np.int64), n_runs), pa.int64()),
+        **{m: pa.array(curves[m].reshape(-1), pa.float32()) for m in CURVES_SCHEMA.names[2:]},
+    }
+    return pa.Table.from_pydict(cols, schema=CURVES_SCHEMA.with_metadata(metadata("curves", resolved)))
+
+
+def write_atomic(table: pa.Table, path: str | Path) -> None:
+    """Write under a temporary name in the same directory, then rename: whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ResultsError(ValueError):
+    """A results directory that is not jaxgrok's."""
+
+
+def read(path: str | Path, kind: str) -> pa.Table:
+    """Read runs.parquet or curves.parquet, checking that jaxgrok wrote it."""
+    path = Path(path)
+    if not path.exists():
+        raise ResultsError(f"{path}: no such file")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ResultsError(f"{path}: not a Parquet file ({e})") from None
+    meta = table.schema.metadata or {}
+    if meta.get(KIND_KEY) != kind.encode():
+        raise ResultsError(f"{path}: not a jaxgrok {kind} table (no {KIND_KEY.decode()}={kind} in its metadata)")
+    return table
+
+
+def sweep_config(table: pa.Table) -> dict:
+    return json.loads(table.schema.metadata[b"jaxgrok.sweep"])

@@ -1,0 +1,374 @@
+"""Sweep files: a TOML file in, a validated static config and the table of runs out.
+
+A sweep file has five tables. `[task]`, `[model]`, `[train]` and `[grokking]` fix everything that
+decides the compiled program (shapes, depth, step budget); `[sweep]` lists the values of the axes
+that vary *inside* that one program: model seed, data seed, weight decay, learning rate,
+initialization scale and train fraction. The runs are the product of the axes; axes named together
+in `zip` vary together instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxgrok import tasks
+
+# The axes that vary inside one compiled program, in the order runs are enumerated (last fastest).
+AXES = ("train_fraction", "init_scale", "learning_rate", "weight_decay", "data_seed", "seed")
+SEED_AXES = ("seed", "data_seed")
+REQUIRED_AXES = ("learning_rate", "weight_decay", "train_fraction")  # papers disagree: say them
+AXIS_DEFAULTS = {"seed": 0, "data_seed": 0, "init_scale": 1.0}
+
+
+class SweepError(ValueError):
+    """A sweep file (or a --set override) that cannot be run; the message is one line."""
+
+
+def _check(pred, msg):
+    return {"check": (pred, msg)}
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    op: str = field(metadata=_check(lambda v: v in tasks.OPS, f"unknown task; one of {', '.join(tasks.OPS)}"))
+    p: int = field(default=0, metadata=_check(lambda v: v == 0 or v >= 2, "must be ≥ 2"))
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Two token embeddings, concatenated, one hidden layer: the model that groks on a CPU."""
+
+    kind: str = "mlp"
+    d_embed: int = field(default=32, metadata=_check(lambda v: v > 0, "must be > 0"))
+    d_hidden: int = field(default=128, metadata=_check(lambda v: v > 0, "must be > 0"))
+    activation: str = field(default="relu", metadata=_check(lambda v: v in ("relu", "gelu"), "must be relu or gelu"))
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Decoder-only transformer on the tokens "a b =", logits read at the last position."""
+
+    kind: str = "transformer"
+    n_layers: int = field(default=1, metadata=_check(lambda v: v in (1, 2, 3, 4), "must be 1 to 4"))
+    d_model: int = field(default=128, metadata=_check(lambda v: v > 0, "must be > 0"))
+    n_heads: int = field(default=4, metadata=_check(lambda v: v > 0, "must be > 0"))
+    d_mlp: int = field(default=512, metadata=_check(lambda v: v > 0, "must be > 0"))
+    activation: str = field(default="relu", metadata=_check(lambda v: v in ("relu", "gelu"), "must be relu or gelu"))
+    layer_norm: bool = False
+
+
+@dataclass(frozen=True)
+class GromovConfig:
+    """Gromov 2023: one-hot (a, b) -> W1 -> x² -> W2, no biases, trained with MSE."""
+
+    kind: str = "gromov"
+    d_hidden: int = field(default=500, metadata=_check(lambda v: v > 0, "must be > 0"))
+
+
+MODELS = {"mlp": MLPConfig, "transformer": TransformerConfig, "gromov": GromovConfig}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = field(metadata=_check(lambda v: v > 0, "must be > 0"))
+    eval_every: int = field(default=100, metadata=_check(lambda v: v > 0, "must be > 0"))
+    batch_size: int = field(default=0, metadata=_check(lambda v: v >= 0, "must be ≥ 0 (0 = full batch)"))
+    warmup_steps: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be ≥ 0"))
+    beta1: float = field(default=0.9, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    beta2: float = field(default=0.98, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    loss: str = field(default="auto", metadata=_check(lambda v: v in ("auto", "cross_entropy", "mse"), "must be auto, cross_entropy or mse"))
+    chunk_steps: int = field(default=1000, metadata=_check(lambda v: v > 0, "must be > 0"))
+    max_runs_per_batch: int = field(default=0, metadata=_check(lambda v: v >= 0, "must be ≥ 0 (0 = fit to memory)"))
+
+
+@dataclass(frozen=True)
+class GrokkingConfig:
+    threshold: float = field(default=0.99, metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    # Liu et al. 2022 draw the phases from the steps to 0.9 accuracy and call it grokking when
+    # validation lags training by more than 10³ steps.
+    phase_accuracy: float = field(default=0.9, metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    phase_gap: int = field(default=1000, metadata=_check(lambda v: v >= 0, "must be ≥ 0"))
+
+
+@dataclass(frozen=True)
+class Static:
+    """Everything that decides the compiled program: hashable, closed over, never traced."""
+
+    task: TaskConfig
+    model: MLPConfig | TransformerConfig | GromovConfig
+    train: TrainConfig
+    grokking: GrokkingConfig
+    n_train_max: int  # largest training set in the sweep: the static length of the train gather
+
+    @property
+    def loss(self) -> str:
+        if self.train.loss != "auto":
+            return self.train.loss
+        return "mse" if self.model.kind == "gromov" else "cross_entropy"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    paper: str
+    description: str
+    path: str
+    static: Static
+    runs: dict[str, np.ndarray]  # one array per axis, one entry per run
+    resolved: dict[str, Any]  # the whole config after defaults and overrides, for the metadata
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.runs["seed"])
+
+    @property
+    def swept(self) -> list[str]:
+        """Axes that take more than one value, seeds included."""
+        return [a for a in AXES if len(np.unique(self.runs[a])) > 1]
+
+    def run_hashes(self) -> list[str]:
+        """A stable id per run: the hash of everything that determines its training."""
+        static = json.dumps({k: self.resolved[k] for k in ("task", "model", "train")}, sort_keys=True)
+        out = []
+        for i in range(self.n_runs):
+            hp = {a: self.runs[a][i].item() for a in AXES}
+            blob = static + json.dumps(hp, sort_keys=True)
+            out.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _typename(t) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
+
+
+def _coerce(value, typ, where):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise SweepError(f"{where}: must be {_typename(typ)}, got {value!r}")
+    return value
+
+
+def _build(cls, table: dict, where: str):
+    if not isinstance(table, dict):
+        raise SweepError(f"{where}: must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise SweepError(f"{where}.{key}: unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        typ = {"int": int, "float": float, "str": str, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+        if name not in table:
+            if f.default is dataclasses.MISSING:
+                raise SweepError(f"{where}.{name}: missing required key")
+            continue
+        value = _coerce(table[name], typ, f"{where}.{name}")
+        if "check" in f.metadata:
+            pred, msg = f.metadata["check"]
+            if not pred(value):
+                raise SweepError(f"{where}.{name}: {msg}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _axis_values(name, value, where) -> list:
+    if isinstance(value, dict) and name in SEED_AXES:
+        extra = set(value) - {"count", "start"}
+        if extra or "count" not in value:
+            raise SweepError(f"{where}: a seed range is {{count = N, start = S}}")
+        count, start = value["count"], value.get("start", 0)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (count, start)):
+            raise SweepError(f"{where}: count and start must be integers")
+        values = list(range(start, start + count))
+    else:
+        values = value if isinstance(value, list) else [value]
+    if not values:
+        raise SweepError(f"{where}: empty axis")
+    typ = int if name in SEED_AXES else float
+    values = [_coerce(v, typ, where) for v in values]
+    bad = {
+        "weight_decay": (lambda v: v >= 0, "must be ≥ 0"),
+        "learning_rate": (lambda v: v > 0, "must be > 0"),
+        "init_scale": (lambda v: v > 0, "must be > 0"),
+        "train_fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+        "seed": (lambda v: 0 <= v < 2**31, "must be in [0, 2³¹)"),
+        "data_seed": (lambda v: 0 <= v < 2**31, "must be in [0, 2³¹)"),
+    }[name]
+    for v in values:
+        if not bad[0](v):
+            raise SweepError(f"{where}: {bad[1]}, got {v!r}")
+    return values
+
+
+def _expand(table: dict, where: str) -> dict[str, np.ndarray]:
+    """The product of the axes (zip groups vary together) as one column per axis."""
+    if not isinstance(table, dict):
+        raise SweepError(f"{where}: must be a table")
+    zips = table.get("zip", [])
+    if not isinstance(zips, list) or not all(isinstance(z, list) and all(isinstance(a, str) for a in z) for z in zips):
+        raise SweepError(f"{where}.zip: must be a list of lists of axis names")
+    for key in table:
+        if key != "zip" and key not in AXES:
+            raise SweepError(f"{where}.{key}: unknown key (axes: {', '.join(AXES)}; and zip)")
+    for axis in REQUIRED_AXES:
+        if axis not in table:
+            raise SweepError(f"{where}.{axis}: missing required key")
+    values = {a: _axis_values(a, table.get(a, AXIS_DEFAULTS.get(a)), f"{where}.{a}") for a in AXES}
+
+    groups: list[tuple[str, ...]] = []
+    zipped: set[str] = set()
+    for z in zips:
+        for a in z:
+            if a not in AXES:
+                raise SweepError(f"{where}.zip: {a!r} is not an axis")
+            if a in zipped:
+                raise SweepError(f"{where}.zip: {a!r} appears in two groups")
+            zipped.add(a)
+        lengths = {len(values[a]) for a in z}
+        if len(lengths) > 1:
+            raise SweepError(f"{where}.zip: axes {', '.join(z)} have different lengths {sorted(lengths)}")
+        groups.append(tuple(z))
+    groups += [(a,) for a in AXES if a not in zipped]
+    # Enumerate in AXES order so that the seeds of a cell sit next to each other.
+    groups.sort(key=lambda g: min(AXES.index(a) for a in g))
+    per_group = [list(zip(*(values[a] for a in g))) for g in groups]
+    cols: dict[str, list] = {a: [] for a in AXES}
+    for combo in itertools.product(*per_group):
+        for g, vals in zip(groups, combo):
+            for a, v in zip(g, vals):
+                cols[a].append(v)
+    return {a: np.asarray(cols[a], dtype=np.int64 if a in SEED_AXES else np.float64) for a in AXES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides and loading
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: a string
+
+
+def _tables_with(key: str, raw: dict) -> list[str]:
+    """The tables where a bare `--set KEY=...` could belong: where the file has it, else the schema."""
+    present = [t for t, v in raw.items() if isinstance(v, dict) and key in v]
+    if present:
+        return present
+    schema = {
+        "task": TaskConfig, "train": TrainConfig, "grokking": GrokkingConfig,
+        "model": MODELS.get(raw.get("model", {}).get("kind"), MLPConfig),
+    }
+    found = [t for t, cls in schema.items() if key in {f.name for f in dataclasses.fields(cls)}]
+    return found + (["sweep"] if key in AXES else [])
+
+
+def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
+    """`--set train.steps=500`, or `--set steps=500` when the key belongs to one table only."""
+    raw = json.loads(json.dumps(raw))  # a deep copy of plain TOML data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SweepError(f"{where}: --set {item}: expected KEY=VALUE")
+        if "." in key:
+            table, key = key.split(".", 1)
+        elif key in ("name", "paper", "description"):
+            table = None
+        else:
+            owners = _tables_with(key, raw)
+            if len(owners) != 1:
+                problem = "no such key" if not owners else f"ambiguous ({', '.join(owners)})"
+                raise SweepError(f"{where}: --set {key}: {problem}; write TABLE.KEY")
+            table = owners[0]
+        target = raw if table is None else raw.setdefault(table, {})
+        if not isinstance(target, dict):
+            raise SweepError(f"{where}: --set {table}.{key}: {table} is not a table")
+        target[key] = _parse_value(text)
+    return raw
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
+    """Read, override and validate a sweep file; every problem raises one SweepError line."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SweepError(f"{where}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SweepError(f"{where}: not valid TOML ({e})") from None
+    raw = apply_overrides(raw, list(overrides), where)
+    return sweep_from_dict(raw, where, default_name=path.stem)
+
+
+def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "sweep") -> Sweep:
+    top = {"name", "paper", "description", "task", "model", "train", "grokking", "sweep"}
+    for key in raw:
+        if key not in top:
+            raise SweepError(f"{where}: {key}: unknown key (known: {', '.join(sorted(top))})")
+    for key in ("paper", "task", "model", "train", "sweep"):
+        if key not in raw:
+            raise SweepError(f"{where}: {key}: missing required key")
+    for key in ("name", "paper", "description"):
+        if key in raw and not isinstance(raw[key], str):
+            raise SweepError(f"{where}: {key}: must be a string, got {raw[key]!r}")
+
+    task = _build(TaskConfig, raw["task"], f"{where}: task")
+    if task.op in tasks.MODULAR_OPS:
+        if task.p == 0:
+            raise SweepError(f"{where}: task.p: missing required key for task {task.op}")
+        if task.op in tasks.NEEDS_PRIME and not tasks.is_prime(task.p):
+            raise SweepError(f"{where}: task.p: {task.op} needs a prime modulus, got {task.p}")
+    elif task.p != 0:
+        raise SweepError(f"{where}: task.p: task {task.op} takes no modulus")
+
+    model_raw = raw["model"]
+    if not isinstance(model_raw, dict) or "kind" not in model_raw:
+        raise SweepError(f"{where}: model.kind: missing required key")
+    if model_raw["kind"] not in MODELS:
+        raise SweepError(f"{where}: model.kind: unknown model {model_raw['kind']!r}; one of {', '.join(MODELS)}")
+    model = _build(MODELS[model_raw["kind"]], model_raw, f"{where}: model")
+    if model.kind == "transformer" and model.d_model % model.n_heads:
+        raise SweepError(f"{where}: model.n_heads: must divide d_model ({model.d_model}), got {model.n_heads}")
+
+    train = _build(TrainConfig, raw["train"], f"{where}: train")
+    if train.steps % train.eval_every:
+        raise SweepError(f"{where}: train.steps: must be a multiple of eval_every ({train.eval_every}), got {train.steps}")
+    grokking = _build(GrokkingConfig, raw.get("grokking", {}), f"{where}: grokking")
+
+    runs = _expand(raw["sweep"], f"{where}: sweep")
+    n_pairs = tasks.n_pairs(task)
+    n_train = np.round(runs["train_fraction"] * n_pairs).astype(int)
+    if n_train.min() < 1 or n_train.max() >= n_pairs:
+        raise SweepError(f"{where}: sweep.train_fraction: leaves an empty training or validation set of {n_pairs} pairs")
+    if train.batch_size and train.batch_size > n_train.min():
+        raise SweepError(f"{where}: train.batch_size: larger than the smallest training set ({n_train.min()} pairs)")
+
+    static = Static(task, model, train, grokking, n_train_max=int(n_train.max()))
+    resolved = {
+        "name": raw.get("name", default_name),
+        "paper": raw["paper"],
+        "description": raw.get("description", ""),
+        "task": dataclasses.asdict(task),
+        "model": dataclasses.asdict(model),
+        "train": dataclasses.asdict(train),
+        "grokking": dataclasses.asdict(grokking),
+        "sweep": raw["sweep"],
+    }
+    return Sweep(resolved["name"], raw["paper"], resolved["description"], where, static, runs, resolved)

@@ -1,0 +1,189 @@
+"""One compiled program trains every run of a sweep: vmap over a run axis, sharded over devices.
+
+`make_program(static)` does all Python-side setup once (the task table, the model, the optimizer
+recipe) and returns `init(hparams) -> state` and `chunk(state, hparams) -> (state, metrics)`, both
+jitted once. A chunk is `lax.scan` over evaluations, each `eval_every` optimizer steps followed by one
+evaluation on the full table; nothing leaves the device inside a chunk. Swept values (seeds, weight
+decay, learning rate, init scale, train fraction) are *arguments* with a leading run axis; whatever
+changes shapes stays in `static` and decides the compile.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxgrok import models, tasks
+from jaxgrok.sweep import Static, Sweep
+
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")
+TRACES: collections.Counter = collections.Counter()  # trace counts, for the no-recompile test
+
+
+class Hparams(NamedTuple):
+    """The swept values of each run; every field has a leading run axis."""
+
+    seed: jax.Array  # int32: model initialization (and minibatch order)
+    data_seed: jax.Array  # int32: the train/validation split
+    learning_rate: jax.Array
+    weight_decay: jax.Array
+    init_scale: jax.Array  # α: every initial weight is multiplied by it (Omnigrok)
+    n_train: jax.Array  # int32: training pairs, round(train_fraction · N), counted on the host
+
+
+class RunState(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+    order: jax.Array  # int32[N]: a permutation of the pairs; the first n_train are for training
+    is_train: jax.Array  # bool[N]
+    key: jax.Array  # minibatch sampling
+    diverged: jax.Array  # bool: loss or gradient went non-finite; the run is frozen since
+
+
+class Program(NamedTuple):
+    init: Callable  # Hparams -> RunState
+    chunk: Callable  # (RunState, Hparams) -> (RunState, metrics float32[runs, evals, len(METRICS)])
+    model: models.Model
+    table: tasks.Table
+    sharding: NamedSharding
+    evals_per_chunk: int
+
+
+def hparams_for(sweep: Sweep, index: np.ndarray) -> Hparams:
+    """The host-side Hparams of the runs `index` of a sweep."""
+    r = sweep.runs
+    n_pairs = tasks.n_pairs(sweep.static.task)
+    return Hparams(
+        seed=r["seed"][index].astype(np.int32),
+        data_seed=r["data_seed"][index].astype(np.int32),
+        learning_rate=r["learning_rate"][index].astype(np.float32),
+        weight_decay=r["weight_decay"][index].astype(np.float32),
+        init_scale=r["init_scale"][index].astype(np.float32),
+        n_train=np.round(r["train_fraction"][index] * n_pairs).astype(np.int32),
+    )
+
+
+def evals_per_chunk(static: Static) -> int:
+    """The largest divisor of the evaluation count that keeps a chunk within `chunk_steps`: every
+    chunk then has the same length and the program compiles once."""
+    n_evals = static.train.steps // static.train.eval_every
+    target = max(1, static.train.chunk_steps // static.train.eval_every)
+    return max(d for d in range(1, min(target, n_evals) + 1) if n_evals % d == 0)
+
+
+def make_program(static: Static, devices=None) -> Program:
+    table = tasks.make_table(static.task)
+    model = models.build(static.model, table.n_symbols, table.n_classes)
+    inputs, targets = jnp.asarray(table.inputs), jnp.asarray(table.targets)
+    n_pairs, n_train_max, cfg = len(table.targets), static.n_train_max, static.train
+    n_evals = evals_per_chunk(static)
+
+    def per_example_loss(logits, labels):
+        if static.loss == "mse":  # against one-hot targets, averaged over classes (torch's MSELoss)
+            return ((logits - jax.nn.one_hot(labels, table.n_classes)) ** 2).mean(-1)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    def optimizer(hp: Hparams):
+        # Built inside the vmapped function, so each run closes over its own traced values.
+        schedule = optax.linear_schedule(0.0, hp.learning_rate, cfg.warmup_steps)
+        return optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=hp.weight_decay)
+
+    def init_run(hp: Hparams) -> RunState:
+        k_init, k_batch = jax.random.split(jax.random.key(hp.seed))
+        params = jax.tree.map(lambda w: w * hp.init_scale, model.init(k_init))
+        order = jax.random.permutation(jax.random.key(hp.data_seed), n_pairs).astype(jnp.int32)
+        is_train = jnp.zeros(n_pairs, bool).at[order].set(jnp.arange(n_pairs) < hp.n_train)
+        return RunState(params, optimizer(hp).init(params), order, is_train, k_batch, jnp.array(False))
+
+    def loss_fn(params, idx, weight):
+        logits = model.apply(params, inputs[idx])
+        return (weight * per_example_loss(logits, targets[idx])).sum() / weight.sum()
+
+    def train_step(state: RunState, hp: Hparams) -> RunState:
+        key = state.key
+        if cfg.batch_size == 0:  # full batch: the first n_train pairs of the run's order
+            idx = state.order[:n_train_max]
+            weight = (jnp.arange(n_train_max) < hp.n_train).astype(jnp.float32)
+        else:  # a minibatch of distinct training pairs, drawn afresh each step
+            key, sub = jax.random.split(key)
+            noise = jax.random.uniform(sub, (n_train_max,)) + (jnp.arange(n_train_max) >= hp.n_train)
+            idx = state.order[jax.lax.top_k(-noise, cfg.batch_size)[1]]
+            weight = jnp.ones(cfg.batch_size, jnp.float32)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, idx, weight)
+        updates, opt_state = optimizer(hp).update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A run whose loss or gradient is non-finite keeps its last finite weights from then on.
+        diverged = state.diverged | ~(jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)))
+        keep = lambda new, old: jnp.where(diverged, old, new)  # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        return RunState(params, opt_state, state.order, state.is_train, key, diverged)
+
+    def evaluate(state: RunState) -> jax.Array:
+        logits = model.apply(state.params, inputs)
+        loss = per_example_loss(logits, targets)
+        correct = (logits.argmax(-1) == targets).astype(jnp.float32)
+        tr = state.is_train.astype(jnp.float32)
+        va = 1.0 - tr
+        m = jnp.stack([
+            (loss * tr).sum() / tr.sum(), (correct * tr).sum() / tr.sum(),
+            (loss * va).sum() / va.sum(), (correct * va).sum() / va.sum(),
+            optax.tree.norm(state.params),
+        ])
+        return jnp.where(state.diverged, jnp.nan, m)  # a diverged run's curve stops here
+
+    def chunk_run(state: RunState, hp: Hparams):
+        TRACES["chunk"] += 1  # runs at trace time only
+
+        def block(state, _):
+            state = jax.lax.fori_loop(0, cfg.eval_every, lambda _, s: train_step(s, hp), state)
+            return state, evaluate(state)
+
+        return jax.lax.scan(block, state, None, length=n_evals)
+
+    mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("runs",))
+    runs = NamedSharding(mesh, P("runs"))
+    init = jax.jit(jax.vmap(init_run), in_shardings=runs, out_shardings=runs)
+    chunk = jax.jit(jax.vmap(chunk_run), in_shardings=(runs, runs), out_shardings=(runs, runs), donate_argnums=0)
+    return Program(init, chunk, model, table, runs, n_evals)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: how many runs go into one batch
+
+
+def bytes_per_run(static: Static, program: Program) -> int:
+    """A generous estimate of one run's device memory: params, AdamW moments, gradients and
+    update (5×), the split, and the activations of a forward and backward pass (3×) over the larger
+    of the training batch and the full evaluation table."""
+    n_params = models.n_params(jax.eval_shape(program.model.init, jax.random.key(0)))
+    n_pairs = len(program.table.targets)
+    activations = program.model.activations(max(n_pairs, static.n_train_max))
+    return 4 * (5 * n_params + 3 * activations) + 8 * n_pairs
+
+
+def device_memory(device) -> int:
+    """Bytes usable on one device: the accelerator's limit, or a share of host RAM on CPU."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] * 0.7)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(ram * 0.4) // max(1, len(jax.local_devices()))
+
+
+def runs_per_batch(static: Static, program: Program, n_runs: int) -> int:
+    """Runs trained together: all of them if they fit, else what fits; a multiple of the devices."""
+    n_dev = program.sharding.mesh.size
+    if static.train.max_runs_per_batch:
+        per_device = max(1, static.train.max_runs_per_batch // n_dev)
+    else:
+        per_device = max(1, device_memory(jax.local_devices()[0]) // bytes_per_run(static, program))
+    per_device = min(per_device, -(-n_runs // n_dev))
+    return per_device * n_dev

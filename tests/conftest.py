@@ -1,0 +1,35 @@
+"""Tests run on 8 simulated CPU devices, so sharding is exercised on every machine."""
+
+import os
+
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")  # must precede jax's initialisation
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
+
+from jaxgrok.sweep import sweep_from_dict  # noqa: E402
+
+
+def make_raw(**sections):
+    """A small sweep as a dict: the MLP on x+y mod 31, overridable per table."""
+    raw = {
+        "name": "tiny",
+        "paper": "test fixture",
+        "task": {"op": "x+y", "p": 31},
+        "model": {"kind": "mlp"},
+        "train": {"steps": 200, "eval_every": 50, "chunk_steps": 100},
+        "sweep": {"seed": [0, 1, 2], "weight_decay": [1.0, 2.0], "learning_rate": 1e-2, "train_fraction": 0.5},
+    }
+    for table, values in sections.items():
+        if table in ("train", "grokking") and isinstance(values, dict):  # merged; others replaced
+            raw[table] = {k: v for k, v in {**raw[table], **values}.items() if v is not None}  # None: drop
+        else:
+            raw[table] = values
+    return raw
+
+
+@pytest.fixture
+def tiny_sweep():
+    return lambda **sections: sweep_from_dict(make_raw(**sections), "tiny.toml")
