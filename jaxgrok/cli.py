@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxgrok.analyze import AnalysisError
+from jaxgrok.results import ResultsError
 from jaxgrok.sweep import SweepError, load_sweep
 
 
@@ -71,6 +73,16 @@ def cmd_run(args) -> int:
     results.write_atomic(result.runs_table(), out / "runs.parquet")
     results.write_atomic(result.curves_table(), out / "curves.parquet")
     print(_summary(result, out))
+    if not args.no_analyze:
+        return cmd_analyze(argparse.Namespace(results_dir=out, x=None, y=None))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from jaxgrok.analyze import analyze
+
+    written = analyze(args.results_dir, args.x, args.y)
+    print(f"analysis: {written['report']} (stats.parquet, figures/)")
     return 0
 
 
@@ -84,7 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a value of the sweep file, e.g. --set steps=500 or --set sweep.seed='{count=4}'")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--no-analyze", action="store_true", help="skip the statistics, figures and report")
     run.set_defaults(func=cmd_run)
+
+    ana = sub.add_parser("analyze", help="statistics, figures and report.html for a results directory")
+    ana.add_argument("results_dir", help="a directory holding runs.parquet (and curves.parquet)")
+    ana.add_argument("--x", help="phase-diagram x axis (a swept axis, e.g. weight_decay)")
+    ana.add_argument("--y", help="phase-diagram y axis (e.g. learning_rate)")
+    ana.set_defaults(func=cmd_analyze)
     return parser
 
 
@@ -92,6 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SweepError as e:
+    except (SweepError, ResultsError, AnalysisError) as e:
         print(f"jaxgrok: error: {e}", file=sys.stderr)
         return 2

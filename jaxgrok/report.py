@@ -1,0 +1,180 @@
+"""Figures (PNG and SVG) and a one-page report.html that embeds them, for one results directory."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm  # noqa: E402
+
+from jaxgrok.grokking import PHASES  # noqa: E402
+
+PHASE_COLOURS = {"comprehension": "#4daf4a", "grokking": "#377eb8", "memorization": "#ff7f00", "confusion": "#999999"}
+
+
+def _save(fig, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.savefig(folder / f"{name}.svg", bbox_inches="tight")
+    fig.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return folder / f"{name}.png"
+
+
+def _spans_decades(values) -> bool:
+    v = np.asarray(values, float)
+    return bool((v > 0).all() and v.max() / v.min() >= 30)
+
+
+def phase_diagram(rows: list[dict], x: str, y: str | None, folder: Path) -> Path:
+    """Three panels over (x, y): majority phase, Kaplan–Meier median t_val on a log colour scale
+    (hatched where the median is not reached), and the fraction of runs that grokked."""
+    xs = sorted({r[x] for r in rows})
+    ys = sorted({r[y] for r in rows}) if y else [0]
+    grid = lambda f: np.array([[next((f(r) for r in rows if r[x] == xv and (not y or r[y] == yv)), np.nan)  # noqa: E731
+                                for xv in xs] for yv in ys], float)
+    phase = grid(lambda r: PHASES.index(r["phase"]))
+    median = grid(lambda r: np.nan if r["t_val_median"] is None else r["t_val_median"])
+    frac = grid(lambda r: r["frac_grokked"])
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2 if y else 2.6))
+    cmap = ListedColormap([PHASE_COLOURS[p] for p in PHASES])
+    axes[0].imshow(phase, cmap=cmap, norm=BoundaryNorm(np.arange(-0.5, 4), 4), origin="lower", aspect="auto")
+    axes[0].legend(handles=[plt.Rectangle((0, 0), 1, 1, color=PHASE_COLOURS[p]) for p in PHASES], labels=list(PHASES),
+                   loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    axes[0].set_title("majority phase (Liu et al. 2022)")
+    finite = median[np.isfinite(median)]
+    im = axes[1].imshow(median, cmap="viridis", origin="lower", aspect="auto",
+                        norm=LogNorm(finite.min(), max(finite.max(), finite.min() * 1.01)) if finite.size else None)
+    for (i, j), v in np.ndenumerate(median):
+        if not np.isfinite(v):  # more than half of the cell's runs censored: median not reached
+            axes[1].add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", color="0.4"))
+    fig.colorbar(im, ax=axes[1], label="median t_val (steps)")
+    axes[1].set_title("median grokking time (hatched: not reached)")
+    im = axes[2].imshow(frac, cmap="magma", vmin=0, vmax=1, origin="lower", aspect="auto")
+    fig.colorbar(im, ax=axes[2], label="fraction grokked")
+    axes[2].set_title("fraction of runs grokked")
+    for ax in axes:
+        ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
+        ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys] if y else [""])
+        ax.set_xlabel(x + (" (log)" if _spans_decades(xs) else ""))
+        if y:
+            ax.set_ylabel(y + (" (log)" if _spans_decades(ys) else ""))
+    return _save(fig, folder, "phase_diagram")
+
+
+def _label(row, keys) -> str:
+    return ", ".join(f"{k}={row[k]:g}" for k in keys) or "all runs"
+
+
+def survival_curves(rows, keys, budget: float, folder: Path) -> Path:
+    """Fraction of runs not yet grokked against step, one Kaplan–Meier curve per cell."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    grid = np.linspace(0, budget, 400)
+    shown = rows if len(rows) <= 12 else rows[:: int(np.ceil(len(rows) / 12))]
+    for r in shown:
+        ax.step(grid, r["_survival"].sf.evaluate(grid), where="post", label=f"{_label(r, keys)} (n={r['n_runs']})")
+    ax.set(xlabel="step", ylabel="fraction not yet grokked", ylim=(-0.02, 1.02),
+           title="survival of the not-yet-grokked (Kaplan–Meier; censored at the budget)")
+    ax.legend(fontsize=7, loc="lower left")
+    return _save(fig, folder, "survival")
+
+
+def t_val_distribution(cols, keys, rows, folder: Path) -> Path:
+    """Histogram of grokking times over all runs, censored runs counted apart, and the ECDF."""
+    g = ~cols["censored"]
+    t = cols["t_val"][g]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    if t.size:
+        bins = np.geomspace(t.min(), t.max() * 1.001, 25) if t.max() > t.min() else 10
+        a.hist(t, bins=bins, color="#377eb8")
+        a.set_xscale("log" if t.max() > t.min() else "linear")
+    a.set(xlabel="t_val (steps)", ylabel="runs",
+          title=f"grokking time: {int(g.sum())} grokked, {int((~g).sum())} censored at {int(cols['steps'].max())}")
+    for r in rows[:8]:
+        e = r["_survival"].cdf
+        b.step(np.r_[0, e.quantiles], np.r_[0, e.probabilities], where="post", label=_label(r, keys))
+    b.set(xlabel="t_val (steps)", ylabel="fraction grokked by then", title="ECDF of grokking time (Kaplan–Meier)")
+    b.legend(fontsize=7)
+    return _save(fig, folder, "t_val_distribution")
+
+
+def accuracy_curves(curves, cols, folder: Path, n: int = 6) -> Path:
+    """Train (dashed) and validation (solid) accuracy of a sample of runs on a log step axis."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    run = curves.column("run_id").to_numpy()
+    step = curves.column("step").to_numpy()
+    ids = cols["run_id"][np.linspace(0, len(cols["run_id"]) - 1, min(n, len(cols["run_id"]))).astype(int)]
+    for i, rid in enumerate(ids):
+        m = run == rid
+        colour = f"C{i}"
+        ax.plot(step[m], curves.column("train_acc").to_numpy()[m], "--", color=colour)
+        ax.plot(step[m], curves.column("val_acc").to_numpy()[m], "-", color=colour, label=f"run {rid}")
+    ax.set(xscale="log", xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02),
+           title="train (dashed) and validation (solid) accuracy: the delay is grokking")
+    ax.legend(fontsize=7)
+    return _save(fig, folder, "accuracy_curves")
+
+
+def _fmt(v, digits=0):
+    return "not reached" if v is None else f"{v:,.{digits}f}"
+
+
+def write(results_dir: Path, cols, resolved, rows, keys, sens_rows, notes, curves, x, y) -> dict[str, Path]:
+    """Draw every figure and write report.html; returns {name: path}."""
+    folder = results_dir / "figures"
+    figs = {}
+    axes = [a for a in (x, y) if a] or keys[:2]
+    if axes:
+        from jaxgrok.analyze import cell_stats
+
+        figs["phase_diagram"] = phase_diagram(cell_stats(cols, axes), axes[0], axes[1] if len(axes) > 1 else None, folder)
+    figs["survival"] = survival_curves(rows, keys, float(cols["steps"].max()), folder)
+    figs["t_val_distribution"] = t_val_distribution(cols, keys, rows, folder)
+    if curves is not None:
+        figs["accuracy_curves"] = accuracy_curves(curves, cols, folder)
+
+    for r in rows:
+        if r["t_val_median"] is None:
+            notes.append(f"{_label(r, keys)}: median grokking time not reached "
+                         f"({r['n_runs'] - r['n_grokked']} of {r['n_runs']} runs censored at {int(cols['steps'].max())}).")
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys) + (
+        "<th>runs</th><th>grokked (95% CI)</th><th>median t_val (95% CI)</th><th>median t_train</th>"
+        "<th>median delay</th><th>phase</th>")
+    body = "".join(
+        "<tr>" + "".join(f"<td>{r[k]:g}</td>" for k in keys)
+        + f"<td>{r['n_runs']}</td><td>{r['n_grokked']} ({r['frac_grokked_lo']:.0%}–{r['frac_grokked_hi']:.0%})</td>"
+        + f"<td>{_fmt(r['t_val_median'])} ({_fmt(r['t_val_median_lo'])}–{_fmt(r['t_val_median_hi'])})</td>"
+        + f"<td>{_fmt(r['t_train_median'])}</td><td>{_fmt(r['delay_median'])}</td><td>{r['phase']}</td></tr>"
+        for r in rows)
+    sens = "".join(f"<tr><td>{html.escape(s['factor'])}</td><td>{s['estimate']:.2f}</td><td>"
+                   + (f"{s['ci_lo']:.2f}–{s['ci_hi']:.2f}" if s["ci_lo"] is not None else "") + f"</td><td>{s['n']}</td></tr>"
+                   for s in sens_rows if s["measure"].startswith("variance"))
+    rhos = [s["estimate"] for s in sens_rows if s["measure"].startswith("rank")]
+    images = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f'<figcaption>{name} — <a href="figures/{name}.svg">figures/{name}.svg</a></figcaption></figure>'
+        for name, p in figs.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>jaxgrok: {html.escape(resolved['name'])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
+<h1>{html.escape(resolved['name'])}</h1><p><b>Follows:</b> {html.escape(resolved['paper'])}</p>
+<p>{html.escape(resolved.get('description', ''))}</p>
+<p>{len(cols['run_id'])} runs, {int((~cols['censored']).sum())} grokked, budget {int(cols['steps'].max())} steps.
+Grokking time t_val: first evaluation from which validation accuracy stays ≥ {resolved['grokking']['threshold']}.
+Runs that did not grok are right-censored at the budget (Kaplan–Meier); a median that is not reached is reported as such.</p>
+<h2>Cells</h2><table><tr>{head}</tr>{body}</table>
+<h2>What explains the spread of log t_val</h2><table><tr><th>factor</th><th>share</th><th>95% bootstrap CI</th><th>runs</th></tr>{sens}</table>
+<p>{f"A fast seed stays fast? Spearman ρ of t_val between cells sharing seeds: median {np.median(rhos):.2f} over {len(rhos)} pairs of cells." if rhos else ""}</p>
+<h2>Notes</h2><ul>{"".join(f"<li>{html.escape(n)}</li>" for n in notes) or "<li>none</li>"}</ul>
+<h2>Figures</h2>{images}</body></html>"""
+    path = results_dir / "report.html"
+    tmp = path.with_name(".report.html.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return {"report": path, **{f"figure_{k}": v for k, v in figs.items()}}
