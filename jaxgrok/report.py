@@ -42,11 +42,11 @@ def phase_diagram(rows: list[dict], x: str, y: str | None, folder: Path) -> Path
     median = grid(lambda r: np.nan if r["t_val_median"] is None else r["t_val_median"])
     frac = grid(lambda r: r["frac_grokked"])
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2 if y else 2.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2 if y else 2.6), gridspec_kw={"wspace": 0.35})
     cmap = ListedColormap([PHASE_COLOURS[p] for p in PHASES])
     axes[0].imshow(phase, cmap=cmap, norm=BoundaryNorm(np.arange(-0.5, 4), 4), origin="lower", aspect="auto")
     axes[0].legend(handles=[plt.Rectangle((0, 0), 1, 1, color=PHASE_COLOURS[p]) for p in PHASES], labels=list(PHASES),
-                   loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+                   loc="upper center", bbox_to_anchor=(0.5, -0.16 if y else -0.5), ncol=2, fontsize=8)
     axes[0].set_title("majority phase (Liu et al. 2022)")
     finite = median[np.isfinite(median)]
     im = axes[1].imshow(median, cmap="viridis", origin="lower", aspect="auto",
