@@ -177,6 +177,8 @@ def sensitivity(cols: dict, keys: list[str], n_resamples: int = 999, seed: int =
             boot = stats.bootstrap((idx,), lambda i: _shares(y[i], {k: v[i] for k, v in groups.items()}),
                                    n_resamples=n_resamples, vectorized=False, method="percentile",
                                    random_state=np.random.default_rng(seed))
+        notes.append("Variance-share intervals resample runs (percentile bootstrap); the share is biased upward "
+                     "under resampling, so the interval of a small share can sit above its estimate.")
         for name, e, lo, hi in zip(groups, est, np.atleast_1d(boot.confidence_interval.low),
                                    np.atleast_1d(boot.confidence_interval.high)):
             rows.append({"measure": "variance_share_log_t_val", "factor": name, "estimate": float(e),
