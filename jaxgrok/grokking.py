@@ -59,7 +59,7 @@ def analyse(curves: dict[str, np.ndarray], steps: np.ndarray, grokking_cfg) -> d
 
 def progress_counts(train_acc: np.ndarray, val_acc: np.ndarray, threshold: float) -> tuple[int, int]:
     """Runs memorised so far (train reached the threshold once) and grokked so far (validation at
-    or above it at the latest evaluation, having stayed there since it first got there)."""
+    or above it at the latest evaluation: a live count, final t_val asks that it stays)."""
     memorised = int((train_acc >= threshold).any(1).sum())
     grokked = int((val_acc[:, -1:] >= threshold).sum()) if val_acc.shape[1] else 0
     return memorised, grokked
