@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -86,6 +87,27 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from jaxgrok import bench
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    workloads, contenders = split(args.workload), split(args.contenders)
+    for w in workloads:
+        if w not in bench.WORKLOADS:
+            raise SweepError(f"--workload {w}: unknown; one of {', '.join(bench.WORKLOADS)}")
+    for c in contenders:
+        if c not in bench.CONTENDERS:
+            raise SweepError(f"--contenders {c}: unknown; one of {', '.join(bench.CONTENDERS)}")
+    try:
+        runs = [int(r) for r in split(args.runs)]
+    except ValueError:
+        raise SweepError(f"--runs {args.runs}: expected comma-separated integers") from None
+    if args.steps % args.eval_every:
+        raise SweepError(f"--steps {args.steps}: must be a multiple of --eval-every ({args.eval_every})")
+    bench.run(workloads, runs, args.steps, args.eval_every, contenders, args.loop_runs, args.repeats, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxgrok", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,10 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--x", help="phase-diagram x axis (a swept axis, e.g. weight_decay)")
     ana.add_argument("--y", help="phase-diagram y axis (e.g. learning_rate)")
     ana.set_defaults(func=cmd_analyze)
+
+    bench = sub.add_parser("bench", help="model-steps per second beside PyTorch and a Python loop")
+    bench.add_argument("--workload", default="mlp,nanda", help="comma-separated: mlp, nanda")
+    bench.add_argument("--runs", default="1,8,64,256", help="comma-separated run counts")
+    bench.add_argument("--steps", type=int, default=500)
+    bench.add_argument("--eval-every", type=int, default=100)
+    bench.add_argument("--contenders", default="jaxgrok,jax_loop,torch_loop,torch_vmap")
+    bench.add_argument("--loop-runs", type=int, default=4, help="models the loop contenders time (rate is per model)")
+    bench.add_argument("--repeats", type=int, default=2)
+    bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # On CPU every core becomes a JAX device that trains its share of the runs one at a time, which
+    # beats one device running batched kernels (BENCHMARKS.md). Must be set before jax starts.
+    os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(os.cpu_count() or 1))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -57,11 +57,13 @@ def train_sweep(
     index: np.ndarray | None = None,
     devices=None,
     on_chunk: Callable[[Progress], None] | None = None,
+    vectorize: bool | None = None,
 ) -> SweepResult:
-    """Train the runs `index` of a sweep (all by default) and return their curves and outcomes."""
+    """Train the runs `index` of a sweep (all by default) and return their curves and outcomes.
+    `devices` and `vectorize` go to train.make_program."""
     static = sweep.static
     index = np.arange(sweep.n_runs) if index is None else np.asarray(index)
-    program = train.make_program(static, devices)
+    program = train.make_program(static, devices, vectorize)
     per_batch = train.runs_per_batch(static, program, len(index))
     n_batches = -(-len(index) // per_batch)
     n_chunks = static.train.steps // static.train.eval_every // program.evals_per_chunk

@@ -78,7 +78,10 @@ def evals_per_chunk(static: Static) -> int:
     return max(d for d in range(1, min(target, n_evals) + 1) if n_evals % d == 0)
 
 
-def make_program(static: Static, devices=None) -> Program:
+def make_program(static: Static, devices=None, vectorize: bool | None = None) -> Program:
+    """The compiled program of a sweep's static config over `devices` (all by default). Within a
+    device, runs are vmapped (`vectorize`, the default on accelerators) or mapped one at a time
+    (the default on CPU)."""
     table = tasks.make_table(static.task)
     model = models.build(static.model, table.n_symbols, table.n_classes)
     inputs, targets = jnp.asarray(table.inputs), jnp.asarray(table.targets)
@@ -148,10 +151,21 @@ def make_program(static: Static, devices=None) -> Program:
 
         return jax.lax.scan(block, state, None, length=n_evals)
 
-    mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("runs",))
+    devices = list(devices if devices is not None else jax.devices())
+    mesh = Mesh(np.asarray(devices), ("runs",))
     runs = NamedSharding(mesh, P("runs"))
+    if vectorize is None:
+        vectorize = devices[0].platform != "cpu"
+    if vectorize:  # accelerators: all of a device's runs in one wide kernel
+        per_device = jax.vmap(chunk_run)
+    else:
+        # CPU: one run after another. XLA's batched CPU kernels (and the scatter-adds that batched
+        # gathers turn into) are slower per run than unbatched ones; each core is a device instead.
+        per_device = lambda state, hp: jax.lax.map(lambda a: chunk_run(*a), (state, hp))  # noqa: E731
+    # Each device trains its own shard of the run axis; nothing crosses devices.
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=P("runs"), out_specs=P("runs"))
     init = jax.jit(jax.vmap(init_run), in_shardings=runs, out_shardings=runs)
-    chunk = jax.jit(jax.vmap(chunk_run), in_shardings=(runs, runs), out_shardings=(runs, runs), donate_argnums=0)
+    chunk = jax.jit(sharded, in_shardings=(runs, runs), out_shardings=(runs, runs), donate_argnums=0)
     return Program(init, chunk, model, table, runs, n_evals)
 
 
