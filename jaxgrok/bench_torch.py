@@ -39,13 +39,17 @@ class Transformer(nn.Module):
         self.mlp_in, self.mlp_out = nn.Linear(d_model, d_mlp), nn.Linear(d_mlp, d_model)
         self.unembed = nn.Linear(d_model, n_classes, bias=False)
         self.register_buffer("eq", torch.tensor([n_symbols]))
+        self.register_buffer("causal", ~torch.tril(torch.ones(3, 3, dtype=torch.bool)))
 
     def forward(self, pairs):
         tokens = torch.cat([pairs, self.eq.expand(len(pairs)).unsqueeze(1)], 1)
         x = self.embed(tokens) + self.pos
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
-        z = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Explicit attention: torch.func has no batching rule for the fused CPU kernel of
+        # scaled_dot_product_attention, which would handicap torch_vmap.
+        scores = (q @ k.transpose(-1, -2)) / self.dh**0.5
+        z = torch.softmax(scores.masked_fill(self.causal, float("-inf")), -1) @ v
         x = x + self.o(z.transpose(1, 2).reshape(n, t, d))
         x = x + self.mlp_out(torch.relu(self.mlp_in(x)))
         return self.unembed(x[:, -1])
