@@ -42,38 +42,52 @@ class _Display:
             self.bar.stop()
 
 
-def _summary(result, out: Path) -> str:
-    o = result.outcomes
-    n = len(result.index)
-    grokked = int((~o["censored"]).sum())
-    lines = [f"{n} runs: {grokked} grokked ({grokked / n:.0%}), {n - grokked} censored at "
-             f"{result.sweep.static.train.steps} steps, {int(o['diverged'].sum())} diverged"]
+def _summary(out: Path, result, n_done_before: int) -> str:
+    from jaxgrok.analyze import load_runs
+
+    cols, _ = load_runs(out)
+    n, censored = len(cols["run_id"]), cols["censored"]
+    grokked = int((~censored).sum())
+    lines = []
+    if n_done_before:
+        lines.append(f"{n_done_before} runs were already done in {out}; trained {len(result.index)} more")
+    lines.append(f"{n} runs: {grokked} grokked ({grokked / max(n, 1):.0%}), {n - grokked} censored at "
+                 f"{int(cols['steps'].max())} steps, {int(cols['diverged'].sum())} diverged")
     if grokked:
-        lines.append(f"median t_val of the grokked runs: {np.median(o['t_val'][~o['censored']]):.0f} steps "
-                     f"(median delay after t_train: {np.nanmedian(o['delay']):.0f})")
-    phases, counts = np.unique(o["phase"], return_counts=True)
+        lines.append(f"median t_val of the grokked runs: {np.median(cols['t_val'][~censored]):.0f} steps "
+                     f"(median delay after t_train: {np.nanmedian(cols['delay']):.0f})")
+    phases, counts = np.unique(cols["phase"], return_counts=True)
     lines.append("phases: " + ", ".join(f"{p} {c}" for p, c in zip(phases, counts)))
-    lines.append(f"compile {result.compile_s:.1f} s, train {result.train_s:.1f} s "
-                 f"({n * result.sweep.static.train.steps / max(result.train_s, 1e-9):,.0f} model-steps/s)")
+    if len(result.index):
+        lines.append(f"compile {result.compile_s:.1f} s, train {result.train_s:.1f} s "
+                     f"({len(result.index) * result.sweep.static.train.steps / max(result.train_s, 1e-9):,.0f} model-steps/s)")
     lines.append(f"wrote {out / 'runs.parquet'} and {out / 'curves.parquet'}")
     return "\n".join(lines)
 
 
 def cmd_run(args) -> int:
-    from jaxgrok import engine, results
+    from jaxgrok import engine
+    from jaxgrok.store import Interrupted, Store
 
     sweep = load_sweep(args.sweep, args.set)  # every input error surfaces here, before any output
     out = Path(args.out) if args.out else Path("results") / sweep.name
-    display = _Display(sweep.n_runs * sweep.static.train.steps, live=sys.stdout.isatty() and not args.quiet)
+    store = Store(out, sweep, restart=args.restart, checkpoint_every=args.checkpoint_every)
+    store.catch_signals()
+    n_done = sweep.n_runs - len(store.pending(np.arange(sweep.n_runs)))
+    display = _Display((sweep.n_runs - n_done) * sweep.static.train.steps, live=sys.stdout.isatty() and not args.quiet)
     print(f"{sweep.name}: {sweep.n_runs} runs × {sweep.static.train.steps} steps "
           f"({sweep.static.model.kind} on {sweep.static.task.op}); following {sweep.paper}", flush=True)
+    if n_done:
+        print(f"resuming in {out}: {n_done} of {sweep.n_runs} runs already done", flush=True)
     try:
-        result = engine.train_sweep(sweep, on_chunk=None if args.quiet else display)
-    finally:
+        result = engine.train_sweep(sweep, on_chunk=None if args.quiet else display, store=store)
+    except Interrupted as e:
         display.close()
-    results.write_atomic(result.runs_table(), out / "runs.parquet")
-    results.write_atomic(result.curves_table(), out / "curves.parquet")
-    print(_summary(result, out))
+        print(f"jaxgrok: {e}; checkpoint written in {out}; run the same command again to resume", file=sys.stderr)
+        return 128 + e.signum
+    display.close()
+    store.merge()
+    print(_summary(out, result, n_done))
     if not args.no_analyze:
         return cmd_analyze(argparse.Namespace(results_dir=out, x=None, y=None))
     return 0
@@ -119,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a value of the sweep file, e.g. --set steps=500 or --set sweep.seed='{count=4}'")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--no-analyze", action="store_true", help="skip the statistics, figures and report")
+    run.add_argument("--restart", action="store_true", help="discard what DIR holds and start over")
+    run.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+                     help="checkpoint the batch in progress every N chunks (and on SIGTERM/SIGINT)")
     run.set_defaults(func=cmd_run)
 
     ana = sub.add_parser("analyze", help="statistics, figures and report.html for a results directory")

@@ -102,15 +102,20 @@ def runs_table(sweep, index, outcomes, finals) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=RUNS_SCHEMA.with_metadata(metadata("runs", sweep.resolved)))
 
 
-def curves_table(index, steps, curves: dict[str, np.ndarray], resolved) -> pa.Table:
-    """Long format: one row per (run, evaluated step). `curves`: metric -> [runs, evals]."""
+def curves_table(index, steps, curves: dict[str, np.ndarray], resolved, run_hashes=None) -> pa.Table:
+    """Long format: one row per (run, evaluated step). `curves`: metric -> [runs, evals].
+    With `run_hashes` (the part files of a resumable sweep) a run_hash column is added."""
     n_runs, n_evals = len(index), len(steps)
     cols = {
         "run_id": pa.array(np.repeat(np.asarray(index, np.int32), n_evals), pa.int32()),
         "step": pa.array(np.tile(np.asarray(steps, np.int64), n_runs), pa.int64()),
         **{m: pa.array(curves[m].reshape(-1), pa.float32()) for m in CURVES_SCHEMA.names[2:]},
     }
-    return pa.Table.from_pydict(cols, schema=CURVES_SCHEMA.with_metadata(metadata("curves", resolved)))
+    schema = CURVES_SCHEMA
+    if run_hashes is not None:
+        cols["run_hash"] = pa.array(np.repeat(np.asarray(run_hashes, object), n_evals), pa.string())
+        schema = schema.append(pa.field("run_hash", pa.string()))
+    return pa.Table.from_pydict(cols, schema=schema.with_metadata(metadata("curves", resolved)))
 
 
 def write_atomic(table: pa.Table, path: str | Path) -> None:

@@ -136,8 +136,11 @@ class Sweep:
         return [a for a in AXES if len(np.unique(self.runs[a])) > 1]
 
     def run_hashes(self) -> list[str]:
-        """A stable id per run: the hash of everything that determines its training."""
-        static = json.dumps({k: self.resolved[k] for k in ("task", "model", "train")}, sort_keys=True)
+        """A stable id per run: the hash of everything that determines its training (how the
+        steps are cut into chunks and runs into batches does not)."""
+        train = {k: v for k, v in self.resolved["train"].items() if k not in ("chunk_steps", "max_runs_per_batch")}
+        static = json.dumps({"task": self.resolved["task"], "model": self.resolved["model"], "train": train},
+                            sort_keys=True)
         out = []
         for i in range(self.n_runs):
             hp = {a: self.runs[a][i].item() for a in AXES}

@@ -1,0 +1,140 @@
+"""Sweeps that survive being killed: resume, checkpoints, extension. Each sweep runs as a subprocess."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+SWEEP = """
+name = "resumable"
+paper = "test fixture"
+[task]
+op = "x+y"
+p = 31
+[model]
+kind = "mlp"
+[train]
+steps = 1200
+eval_every = 50
+chunk_steps = 100
+max_runs_per_batch = 4
+[sweep]
+seed = {count = SEEDS}
+weight_decay = 1.0
+learning_rate = 1e-2
+train_fraction = 0.5
+"""
+ENV = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def sweep_file(tmp_path, seeds=10):
+    path = tmp_path / f"sweep{seeds}.toml"
+    path.write_text(SWEEP.replace("SEEDS", str(seeds)))
+    return path
+
+
+def start(sweep, out, *extra):
+    cmd = [sys.executable, "-m", "jaxgrok", "run", str(sweep), "--out", str(out), "--no-analyze",
+           "--checkpoint-every", "1", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def finish(sweep, out, *extra):
+    proc = start(sweep, out, *extra)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return stdout, stderr
+
+
+def wait_for_training(proc, deadline=120):
+    """Block until the process has printed its first progress line (it is inside a batch)."""
+    t0 = time.time()
+    for line in proc.stdout:
+        if "model-steps" in line or time.time() - t0 > deadline:
+            return
+
+
+def tables(out: Path):
+    return pq.read_table(out / "runs.parquet"), pq.read_table(out / "curves.parquet")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    finish(sweep_file(tmp), tmp / "out")
+    return tables(tmp / "out")
+
+
+def assert_same(out, reference):
+    runs, curves = tables(out)
+    assert runs.equals(reference[0]) and curves.equals(reference[1])
+    assert runs.schema.metadata == reference[0].schema.metadata
+    assert runs.column("run_id").to_pylist() == list(range(10))  # none missing, none twice
+    assert curves.num_rows == 10 * 24
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, reference):
+    sweep, out = sweep_file(tmp_path), tmp_path / "out"
+    rng = random.Random(0)
+    for _ in range(3):
+        proc = start(sweep, out)
+        wait_for_training(proc)
+        time.sleep(rng.uniform(0.0, 2.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finish(sweep, out)
+    assert_same(out, reference)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, reference):
+    sweep, out = sweep_file(tmp_path), tmp_path / "out"
+    proc = start(sweep, out)
+    wait_for_training(proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "checkpoint written" in stderr and "Traceback" not in stderr
+    assert list((out / "checkpoints").iterdir())  # a usable checkpoint is there...
+    stdout, _ = finish(sweep, out)
+    assert_same(out, reference)  # ...and the sweep finishes from it, unchanged
+
+
+def test_a_truncated_checkpoint_is_reported_and_the_one_before_used(tmp_path, reference):
+    sweep, out = sweep_file(tmp_path), tmp_path / "out"
+    proc = start(sweep, out)
+    wait_for_training(proc)
+    time.sleep(1.0)  # several checkpoints (one per chunk): max_to_keep leaves the last two
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    steps = sorted((p for p in (out / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    assert len(steps) == 2
+    for f in (steps[-1] / "state" / "d").iterdir():
+        with open(f, "r+b") as fh:
+            fh.truncate(8)
+    _, stderr = finish(sweep, out)
+    assert f"checkpoint {steps[-1].name}" in stderr and "unreadable" in stderr
+    assert_same(out, reference)
+
+
+def test_extending_a_finished_sweep_trains_only_the_new_runs(tmp_path):
+    out = tmp_path / "out"
+    finish(sweep_file(tmp_path, seeds=3), out)
+    runs3, curves3 = tables(out)
+    stdout, _ = finish(sweep_file(tmp_path, seeds=5), out)
+    assert "3 of 5 runs already done" in stdout and "trained 2 more" in stdout
+    runs5, curves5 = tables(out)
+    assert runs5.num_rows == 5 and runs5.column("run_id").to_pylist() == list(range(5))
+    assert runs5.slice(0, 3).select(["run_hash", "t_val", "final_val_acc"]).equals(
+        runs3.select(["run_hash", "t_val", "final_val_acc"]))
+    stdout, _ = finish(sweep_file(tmp_path, seeds=5), out)
+    assert "5 of 5 runs already done" in stdout and "trained 0 more" in stdout
+    assert tables(out)[1].equals(curves5)
+    # --restart starts over
+    stdout, _ = finish(sweep_file(tmp_path, seeds=5), out, "--restart")
+    assert "already done" not in stdout and tables(out)[1].equals(curves5)
