@@ -65,27 +65,76 @@ def _summary(out: Path, result, n_done_before: int) -> str:
     return "\n".join(lines)
 
 
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SweepError(f"--shard {text}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise SweepError(f"--shard {text}: I must be in [0, N)")
+    return i, n
+
+
+def _start_processes(args) -> None:
+    """jax.distributed: explicit coordinator, or auto-detected (SLURM, Cloud TPU)."""
+    import jax
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise SweepError("--coordinator, --num-processes and --process-id go together")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    else:
+        jax.distributed.initialize()
+
+
 def cmd_run(args) -> int:
+    sweep = load_sweep(args.sweep, args.set)  # every input error surfaces here, before any output
+    shard, n_shards = _parse_shard(args.shard)
+    if args.distributed:
+        _start_processes(args)
+    import jax
+
     from jaxgrok import engine
     from jaxgrok.store import Interrupted, Store
 
-    sweep = load_sweep(args.sweep, args.set)  # every input error surfaces here, before any output
     out = Path(args.out) if args.out else Path("results") / sweep.name
-    store = Store(out, sweep, restart=args.restart, checkpoint_every=args.checkpoint_every)
+    me, n_proc = jax.process_index(), jax.process_count()
+    shard_tag = f"s{shard}of{n_shards}" if n_shards > 1 else ""
+    tag = "-".join(t for t in (shard_tag, f"p{me}" if n_proc > 1 else "") if t)
+    store = Store(out, sweep, restart=args.restart and me == 0, checkpoint_every=args.checkpoint_every,
+                  tag=tag, shard_tag=shard_tag)
     store.catch_signals()
-    n_done = sweep.n_runs - len(store.pending(np.arange(sweep.n_runs)))
-    display = _Display((sweep.n_runs - n_done) * sweep.static.train.steps, live=sys.stdout.isatty() and not args.quiet)
-    print(f"{sweep.name}: {sweep.n_runs} runs × {sweep.static.train.steps} steps "
-          f"({sweep.static.model.kind} on {sweep.static.task.op}); following {sweep.paper}", flush=True)
-    if n_done:
-        print(f"resuming in {out}: {n_done} of {sweep.n_runs} runs already done", flush=True)
+    index = np.arange(sweep.n_runs)[shard::n_shards]  # round robin: every shard gets every cell
+    n_done = len(index) - len(store.pending(index))
+    quiet = args.quiet or me != 0  # one voice per sweep
+    display = _Display((len(index) - n_done) * sweep.static.train.steps, live=sys.stdout.isatty() and not quiet)
+    if not quiet:
+        where = f" (shard {shard}/{n_shards})" if n_shards > 1 else ""
+        print(f"{sweep.name}{where}: {len(index)} runs × {sweep.static.train.steps} steps "
+              f"({sweep.static.model.kind} on {sweep.static.task.op}) on {len(jax.devices())} devices"
+              f"{f' of {n_proc} processes' if n_proc > 1 else ''}; following {sweep.paper}", flush=True)
+        if n_done:
+            print(f"resuming in {out}: {n_done} of {len(index)} runs already done", flush=True)
     try:
-        result = engine.train_sweep(sweep, on_chunk=None if args.quiet else display, store=store)
+        result = engine.train_sweep(sweep, index=index, on_chunk=None if quiet else display, store=store)
     except Interrupted as e:
         display.close()
         print(f"jaxgrok: {e}; checkpoint written in {out}; run the same command again to resume", file=sys.stderr)
         return 128 + e.signum
     display.close()
+    if n_proc > 1:  # every process has written its parts before process 0 merges them
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxgrok: parts written")
+        if me != 0:
+            return 0
+    missing = len(store.pending(np.arange(sweep.n_runs)))
+    if missing:  # other shards are still at work: the last one to finish merges
+        print(f"shard {shard}/{n_shards} done; {missing} runs of other shards still to come in {out}")
+        return 0
     store.merge()
     print(_summary(out, result, n_done))
     if not args.no_analyze:
@@ -136,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true", help="discard what DIR holds and start over")
     run.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
                      help="checkpoint the batch in progress every N chunks (and on SIGTERM/SIGINT)")
+    run.add_argument("--shard", metavar="I/N", help="train every N-th run from the I-th (job arrays, no coordinator)")
+    run.add_argument("--distributed", action="store_true",
+                     help="one sweep over every device of every process (jax.distributed; SLURM and Cloud TPU auto-detected)")
+    run.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0's address")
+    run.add_argument("--num-processes", type=int)
+    run.add_argument("--process-id", type=int)
     run.set_defaults(func=cmd_run)
 
     ana = sub.add_parser("analyze", help="statistics, figures and report.html for a results directory")

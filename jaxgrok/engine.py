@@ -26,7 +26,7 @@ class Progress:
 
     steps_done: int  # model-steps completed, summed over runs
     steps_total: int
-    memorised: int
+    memorised: int  # among this process's runs (counting all processes' would need a collective)
     grokked: int
     model_steps_per_s: float  # trained by this process since it started
     batch: int
@@ -50,8 +50,50 @@ class SweepResult:
         return results.curves_table(self.index, self.steps, self.curves, self.sweep.resolved)
 
 
+def _global(tree, sharding):
+    """Global arrays from host data that every process holds in full (the sweep's hyperparameters)."""
+    return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding, lambda i: a[i]), tree)
+
+
+def _local(x) -> tuple[np.ndarray, np.ndarray]:
+    """(row positions, rows) of the part of a run-sharded array that this process holds."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    pos = np.concatenate([np.arange(*s.index[0].indices(x.shape[0])) for s in shards])
+    return pos, np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _agree(value: str) -> bool:
+    """Whether every process computed the same `value` (trivially true for one process)."""
+    if jax.process_count() == 1:
+        return True
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(__import__("hashlib").sha256(value.encode()).digest()[:8], np.int64)
+    return bool((multihost_utils.process_allgather(digest) == digest).all())
+
+
+def _abstract(state, curves: np.ndarray, sharding):
+    """Shapes, dtypes and shardings of what a checkpoint holds, for orbax to restore into."""
+    import orbax.checkpoint as ocp
+
+    shapes = jax.tree.map(ocp.utils.to_shape_dtype_struct, state._replace(key=jax.random.key_data(state.key)))
+    return {"state": shapes, "curves": jax.ShapeDtypeStruct(curves.shape, curves.dtype, sharding=sharding)}
+
+
 def _runs_table(sweep, index, curves, outcomes):
     return results.runs_table(sweep, index, outcomes, {m: c[:, -1] for m, c in curves.items()})
+
+
+def _stop_requested(store: Store) -> bool:
+    """Whether any process was asked to stop: all must checkpoint together (orbax saves collectively)."""
+    asked = store.stop_signal is not None
+    if jax.process_count() == 1:
+        return asked
+    from jax.experimental import multihost_utils
+
+    signals = multihost_utils.process_allgather(np.array(store.stop_signal or 0))
+    store.stop_signal = store.stop_signal or int(signals.max()) or None
+    return bool(signals.any())
 
 
 def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) -> tuple[list[np.ndarray], bool]:
@@ -88,6 +130,10 @@ def train_sweep(
     # Sized from the whole request, not from what is left: the same on every restart.
     per_batch = train.runs_per_batch(static, program, len(index))
     batches, resume = _plan(sweep, index, per_batch, store)
+    if not _agree(repr([b.tolist() for b in batches]) + str(resume)):
+        # Processes saw different checkpoints: drop them all and start those runs afresh.
+        store.clear_checkpoints()
+        batches, resume = _plan(sweep, index, per_batch, store)
     n_evals = static.train.steps // static.train.eval_every
     n_chunks = n_evals // program.evals_per_chunk
     steps = np.arange(1, n_evals + 1, dtype=np.int64) * static.train.eval_every
@@ -97,9 +143,10 @@ def train_sweep(
     def batch_hparams(rows):
         # Every batch has the same shape (the last is padded with copies) so nothing recompiles.
         padded = np.concatenate([rows, np.full(per_batch - len(rows), rows[-1])])
-        return jax.device_put(train.hparams_for(sweep, padded), program.sharding)
+        return _global(train.hparams_for(sweep, padded), program.sharding)
 
     done_curves: list[np.ndarray] = []
+    trained_rows: list[np.ndarray] = []
     compile_s, start = 0.0, time.perf_counter()
     if batches:
         # Compile both programs once, ahead of time, and time that apart from training.
@@ -108,25 +155,31 @@ def train_sweep(
         chunk = program.chunk.lower(init(hp), hp).compile()
         compile_s = time.perf_counter() - start
     start, trained_here = time.perf_counter(), 0
-    total = sum(len(r) for r in batches) * static.train.steps
+    total = sum(len(r) for r in batches) * static.train.steps  # over all processes
+    finished = 0  # runs of finished batches, all processes
 
     for b, rows in enumerate(batches):
         hp = batch_hparams(rows)
         state = init(hp)
-        curves = np.full((len(rows), n_evals, len(train.METRICS)), np.nan, np.float32)
+        local, _ = _local(hp.seed)  # the rows of the padded batch that this process holds
+        mine = local[local < len(rows)]  # ...and of those, the real runs
+        curves = np.full((per_batch, n_evals, len(train.METRICS)), np.nan, np.float32)
         first = 0
-        if b == 0 and resume and (got := store.restore(state, len(rows), n_evals, len(train.METRICS))):
-            state, curves, _, first = got
+        if b == 0 and resume and (got := store.restore(_abstract(state, curves, program.sharding))):
+            state, saved_curves, first = got
+            curves[local] = _local(saved_curves)[1]
 
         def collect(c, metrics):
             nonlocal trained_here
             # Host sync: blocks until chunk c is done (chunk c+1 is already queued behind it).
             done = (c + 1) * program.evals_per_chunk
-            curves[:, c * program.evals_per_chunk:done] = np.asarray(jax.device_get(metrics))[: len(rows)]
+            pos, data = _local(metrics)
+            curves[pos, c * program.evals_per_chunk:done] = data
+            # Processes move in step, so this process's share scales to the whole.
             trained_here += len(rows) * program.evals_per_chunk * static.train.eval_every
             if on_chunk:
-                counts = [grokking.progress_counts(c_[..., 1], c_[..., 3], thr) for c_ in done_curves + [curves[:, :done]]]
-                steps_done = sum(len(c_) for c_ in done_curves) * static.train.steps + len(rows) * done * static.train.eval_every
+                counts = [grokking.progress_counts(c_[..., 1], c_[..., 3], thr) for c_ in done_curves + [curves[mine, :done]]]
+                steps_done = finished * static.train.steps + len(rows) * done * static.train.eval_every
                 on_chunk(Progress(steps_done, total, sum(m for m, _ in counts), sum(g for _, g in counts),
                                   trained_here / max(time.perf_counter() - start, 1e-9), b, len(batches)))
 
@@ -137,23 +190,27 @@ def train_sweep(
                 collect(*pending)
             pending = (c, metrics)
             if store is not None and c + 1 < n_chunks and (
-                    store.stop_signal is not None or (c + 1 - first) % store.checkpoint_every == 0):
+                    _stop_requested(store) or (c + 1 - first) % store.checkpoint_every == 0):
                 collect(*pending)
                 pending = None
-                store.save(state, curves, [hashes[i] for i in rows], c + 1)
+                global_curves = jax.make_array_from_process_local_data(program.sharding, curves[local], curves.shape)
+                store.save(state, global_curves, [hashes[i] for i in rows], c + 1)
                 if store.stop_signal is not None:
                     raise Interrupted(store.stop_signal)
         if pending is not None:
             collect(*pending)
         del state
+        curves, rows = curves[mine], rows[mine]  # with several processes, each keeps its own runs
         if store is not None:
             named = {m: curves[..., i] for i, m in enumerate(train.METRICS)}
             outcomes = grokking.analyse(named, steps, static.grokking)
             store.write_batch(_runs_table(sweep, rows, named, outcomes),
                               results.curves_table(rows, steps, named, sweep.resolved, [hashes[i] for i in rows]))
         done_curves.append(curves)
+        trained_rows.append(rows)
+        finished += len(batches[b])
 
-    trained = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+    trained = np.concatenate(trained_rows) if trained_rows else np.zeros(0, np.int64)
     all_curves = np.concatenate(done_curves) if done_curves else np.zeros((0, n_evals, len(train.METRICS)), np.float32)
     named = {m: all_curves[..., i] for i, m in enumerate(train.METRICS)}
     outcomes = grokking.analyse(named, steps, static.grokking)

@@ -33,19 +33,13 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def _saveable(state):
-    """Typed PRNG keys are not arrays orbax can write: store their raw data."""
-    return state._replace(key=jax.random.key_data(state.key))
-
-
-def _unsaveable(state):
-    return state._replace(key=jax.random.wrap_key_data(state.key))
-
-
 class Store:
-    def __init__(self, out: str | Path, sweep, restart: bool = False, checkpoint_every: int = 10, tag: str = ""):
-        """`tag` names this process's part files and checkpoints apart from other processes' or shards'."""
-        self.out, self.sweep, self.checkpoint_every, self.tag = Path(out), sweep, checkpoint_every, tag
+    def __init__(self, out: str | Path, sweep, restart: bool = False, checkpoint_every: int = 10,
+                 tag: str = "", shard_tag: str = ""):
+        """`tag` names this process's part files apart from other processes' and shards';
+        `shard_tag` names the checkpoints of a shard (the processes of one sweep share theirs)."""
+        self.out, self.sweep, self.checkpoint_every = Path(out), sweep, checkpoint_every
+        self.tag, self.shard_tag = tag, shard_tag
         self.parts = self.out / "parts"
         self.hashes = sweep.run_hashes()
         self.stop_signal: int | None = None
@@ -70,7 +64,7 @@ class Store:
 
     def done_hashes(self) -> set[str]:
         done = set()
-        for path in self.parts.glob(f"runs-{self.tag}*.parquet") if self.tag else self.parts.glob("runs-*.parquet"):
+        for path in self.parts.glob("runs-*.parquet"):  # every process's and shard's
             done |= set(pq.read_table(path, columns=["run_hash"]).column("run_hash").to_pylist())
         return done
 
@@ -94,28 +88,29 @@ class Store:
         if self._manager is None:
             import orbax.checkpoint as ocp
 
-            path = (self.out / "checkpoints" / self.tag if self.tag else self.out / "checkpoints").absolute()
+            # One checkpoint directory per shard; the processes of one sweep share it.
+            path = (self.out / "checkpoints" / self.shard_tag if self.shard_tag else self.out / "checkpoints").absolute()
             self._manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
                 max_to_keep=2, enable_async_checkpointing=False))
         return self._manager
 
-    def save(self, state, curves: np.ndarray, run_hashes: list[str], chunks_done: int) -> None:
+    def save(self, state, curves, run_hashes: list[str], chunks_done: int) -> None:
+        """Checkpoint the batch in progress: its train state and curves so far (run-sharded global
+        arrays: with several processes each writes its own shards) and the cursor."""
         import orbax.checkpoint as ocp
 
         step = (self.manager.latest_step() or 0) + 1
+        state = state._replace(key=jax.random.key_data(state.key))  # typed keys: store their data
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"state": _saveable(state), "curves": curves}),
+            state=ocp.args.StandardSave({"state": state, "curves": curves}),
             cursor=ocp.args.JsonSave({"run_hashes": run_hashes, "chunks_done": chunks_done})))
         self.manager.wait_until_finished()
 
-    def restore(self, fresh_state, n_rows: int, n_evals: int, n_metrics: int):
-        """The newest readable checkpoint as (state, curves, run_hashes, chunks_done), or None.
-        `fresh_state` gives the shapes and shardings. An unreadable checkpoint is reported and the
-        one before it is used."""
+    def restore(self, abstract):
+        """The newest readable checkpoint as (state, curves, chunks_done), or None. `abstract` gives
+        shapes and shardings. An unreadable checkpoint is reported and the one before it is used."""
         import orbax.checkpoint as ocp
 
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {
-            "state": _saveable(fresh_state), "curves": np.zeros((n_rows, n_evals, n_metrics), np.float32)})
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 got = self.manager.restore(step, args=ocp.args.Composite(
@@ -125,8 +120,8 @@ class Store:
                       f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); using the one before",
                       file=sys.stderr)
                 continue
-            return (_unsaveable(got.state["state"]), np.asarray(got.state["curves"]),
-                    got.cursor["run_hashes"], got.cursor["chunks_done"])
+            state = got.state["state"]
+            return state._replace(key=jax.random.wrap_key_data(state.key)), got.state["curves"], got.cursor["chunks_done"]
         return None
 
     def checkpointed_hashes(self) -> list[str] | None:

@@ -71,10 +71,11 @@ def reference(tmp_path_factory):
     return tables(tmp / "out")
 
 
-def assert_same(out, reference):
+def assert_same(out, reference, same_sweep=True):
     runs, curves = tables(out)
     assert runs.equals(reference[0]) and curves.equals(reference[1])
-    assert runs.schema.metadata == reference[0].schema.metadata
+    if same_sweep:  # the metadata holds the resolved sweep, batch size included
+        assert runs.schema.metadata == reference[0].schema.metadata
     assert runs.column("run_id").to_pylist() == list(range(10))  # none missing, none twice
     assert curves.num_rows == 10 * 24
 
@@ -105,21 +106,29 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, reference):
     assert_same(out, reference)  # ...and the sweep finishes from it, unchanged
 
 
+def checkpoint_steps(out):
+    folder = out / "checkpoints"
+    found = [p for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+    return sorted(found, key=lambda p: int(p.name))
+
+
 def test_a_truncated_checkpoint_is_reported_and_the_one_before_used(tmp_path, reference):
     sweep, out = sweep_file(tmp_path), tmp_path / "out"
-    proc = start(sweep, out)
-    wait_for_training(proc)
-    time.sleep(1.0)  # several checkpoints (one per chunk): max_to_keep leaves the last two
+    # One batch, so that no finished batch clears the checkpoints (batching is not in the run hash).
+    proc = start(sweep, out, "--set", "max_runs_per_batch=16")
+    t0 = time.time()
+    while len(checkpoint_steps(out)) < 2 and time.time() - t0 < 120:  # one per chunk; two are kept
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
-    steps = sorted((p for p in (out / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    steps = checkpoint_steps(out)
     assert len(steps) == 2
     for f in (steps[-1] / "state" / "d").iterdir():
         with open(f, "r+b") as fh:
             fh.truncate(8)
-    _, stderr = finish(sweep, out)
+    _, stderr = finish(sweep, out, "--set", "max_runs_per_batch=16")
     assert f"checkpoint {steps[-1].name}" in stderr and "unreadable" in stderr
-    assert_same(out, reference)
+    assert_same(out, reference, same_sweep=False)
 
 
 def test_extending_a_finished_sweep_trains_only_the_new_runs(tmp_path):
@@ -138,3 +147,37 @@ def test_extending_a_finished_sweep_trains_only_the_new_runs(tmp_path):
     # --restart starts over
     stdout, _ = finish(sweep_file(tmp_path, seeds=5), out, "--restart")
     assert "already done" not in stdout and tables(out)[1].equals(curves5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_one_sweep_together(tmp_path, reference):
+    """jax.distributed on 127.0.0.1 (CPU collectives): one device per process, one sweep, each process
+    writing the parts of its own runs; process 0 merges. Equal to the single-process sweep."""
+    sweep, out, port = sweep_file(tmp_path), tmp_path / "out", free_port()
+    env = {**ENV, "JAX_NUM_CPU_DEVICES": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxgrok", "run", str(sweep), "--out", str(out), "--no-analyze", "--distributed",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "2 devices of 2 processes" in outputs[0][0]
+    parts = {p.name.split("-")[1] for p in (out / "parts").glob("runs-*.parquet")}
+    assert parts == {"p0", "p1"}  # each process wrote its own runs
+    assert_same(out, reference)
+
+
+def test_shards_without_a_coordinator(tmp_path, reference):
+    sweep, out = sweep_file(tmp_path), tmp_path / "out"
+    stdout, _ = finish(sweep, out, "--shard", "0/2")
+    assert "shard 0/2 done; 5 runs of other shards still to come" in stdout
+    assert not (out / "runs.parquet").exists()
+    finish(sweep, out, "--shard", "1/2")
+    assert_same(out, reference)
