@@ -71,6 +71,12 @@ def _data(static, table, n_train):
     return inputs, targets, order[:n_train]
 
 
+def _adamw(params, cfg, lr, wd):
+    """AdamW with jaxgrok's betas and a linear warm-up from 0, as in the reference implementations."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=wd)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s / max(cfg.warmup_steps, 1), 1.0))
+
+
 def torch_loop(static, table, n_train, n_runs, lr, wd) -> float:
     """Seconds to train n_runs models one after another, the reference implementations' way."""
     inputs, targets, train_idx = _data(static, table, n_train)
@@ -80,8 +86,7 @@ def torch_loop(static, table, n_train, n_runs, lr, wd) -> float:
     for r in range(n_runs):
         torch.manual_seed(r)
         model = _model(static, table)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=wd)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s / max(cfg.warmup_steps, 1), 1.0))
+        opt, sched = _adamw(model.parameters(), cfg, lr, wd)
         for step in range(1, cfg.steps + 1):
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -107,8 +112,7 @@ def torch_vmap(static, table, n_train, n_runs, lr, wd) -> float:
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
     forward = vmap(lambda p, b, data: functional_call(base, (p, b), (data,)), in_dims=(0, 0, None))
-    opt = torch.optim.AdamW(params.values(), lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s / max(cfg.warmup_steps, 1), 1.0))
+    opt, sched = _adamw(params.values(), cfg, lr, wd)
     start = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         logits = forward(params, buffers, x)  # [runs, n_train, classes]

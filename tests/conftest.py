@@ -30,6 +30,29 @@ def make_raw(**sections):
     return raw
 
 
+def toml_value(v) -> str:
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
+def write_sweep(path, **sections):
+    """make_raw(**sections) written as a TOML sweep file at `path`; returns the path."""
+    raw = make_raw(**sections)
+    lines = [f"{k} = {toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    for table, body in raw.items():
+        if isinstance(body, dict):
+            lines += [f"[{table}]"] + [f"{k} = {toml_value(v)}" for k, v in body.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.fixture
 def tiny_sweep():
     return lambda **sections: sweep_from_dict(make_raw(**sections), "tiny.toml")

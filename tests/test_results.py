@@ -7,31 +7,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxgrok import results
+from conftest import write_sweep
 from jaxgrok.cli import main
 
 
 @pytest.fixture(scope="module")
 def results_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    sweep = out / "tiny.toml"
-    sweep.write_text("""
-name = "tiny"
-paper = "test fixture"
-[task]
-op = "x+y"
-p = 31
-[model]
-kind = "mlp"
-[train]
-steps = 600
-eval_every = 50
-chunk_steps = 200
-[sweep]
-seed = {count = 3}
-weight_decay = [0.0, 1.0]
-learning_rate = 1e-2
-train_fraction = 0.6
-""")
+    sweep = write_sweep(out / "tiny.toml", train={"steps": 600, "eval_every": 50, "chunk_steps": 200},
+                        sweep={"seed": {"count": 3}, "weight_decay": [0.0, 1.0], "learning_rate": 1e-2,
+                               "train_fraction": 0.6})
     assert main(["run", str(sweep), "--out", str(out / "res"), "--set", "steps=800"]) == 0
     return out / "res"
 

@@ -11,32 +11,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-SWEEP = """
-name = "resumable"
-paper = "test fixture"
-[task]
-op = "x+y"
-p = 31
-[model]
-kind = "mlp"
-[train]
-steps = 1200
-eval_every = 50
-chunk_steps = 100
-max_runs_per_batch = 4
-[sweep]
-seed = {count = SEEDS}
-weight_decay = 1.0
-learning_rate = 1e-2
-train_fraction = 0.5
-"""
+from conftest import write_sweep
+
 ENV = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "PYTHONUNBUFFERED": "1"}
 
 
 def sweep_file(tmp_path, seeds=10):
-    path = tmp_path / f"sweep{seeds}.toml"
-    path.write_text(SWEEP.replace("SEEDS", str(seeds)))
-    return path
+    """10 runs × 1,200 steps in 12 chunks, batches of 4: three batches."""
+    return write_sweep(tmp_path / f"sweep{seeds}.toml", name="resumable",
+                       train={"steps": 1200, "eval_every": 50, "chunk_steps": 100, "max_runs_per_batch": 4},
+                       sweep={"seed": {"count": seeds}, "weight_decay": 1.0, "learning_rate": 1e-2,
+                              "train_fraction": 0.5})
 
 
 def start(sweep, out, *extra):

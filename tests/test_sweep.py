@@ -3,14 +3,13 @@
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from jaxgrok.cli import main
 from jaxgrok.sweep import SweepError, load_sweep, sweep_from_dict
 
-from conftest import make_raw
+from conftest import make_raw, write_sweep
 
 
 def test_product_of_axes_with_seeds_fastest(tiny_sweep):
@@ -30,24 +29,11 @@ def test_zipped_axes_vary_together(tiny_sweep):
 
 
 def test_overrides_from_the_command_line(tmp_path):
-    path = tmp_path / "s.toml"
-    path.write_text(textwrap.dedent("""
-        paper = "x"
-        [task]
-        op = "x+y"
-        p = 31
-        [model]
-        kind = "mlp"
-        [train]
-        steps = 1000
-        [sweep]
-        weight_decay = 1.0
-        learning_rate = 1e-2
-        train_fraction = 0.5
-    """))
+    path = write_sweep(tmp_path / "s.toml", train={"steps": 1000, "chunk_steps": None},
+                       sweep={"weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.5})
     s = load_sweep(path, ["steps=500", "model.d_hidden=64", "seed={count=4}", "weight_decay=[0.5, 1]"])
     assert s.static.train.steps == 500 and s.static.model.d_hidden == 64
-    assert s.n_runs == 8 and s.name == "s"
+    assert s.n_runs == 8 and s.name == "tiny"
     with pytest.raises(SweepError, match="--set nonsense: no such key"):
         load_sweep(path, ["nonsense=1"])
 
@@ -76,29 +62,9 @@ def test_bad_input_raises_one_line_naming_file_and_key(sections, message):
     assert str(err.value).startswith("bad.toml: ") and "\n" not in str(err.value)
 
 
-def _write_toml(path, raw):
-    def value(v):
-        if isinstance(v, str):
-            return f'"{v}"'
-        if isinstance(v, bool):
-            return str(v).lower()
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
-        return repr(v)
-
-    lines = [f"{k} = {value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
-    for table, body in raw.items():
-        if isinstance(body, dict):
-            lines += [f"[{table}]"] + [f"{k} = {value(v)}" for k, v in body.items()]
-    path.write_text("\n".join(lines) + "\n")
-
-
 @pytest.mark.parametrize("sections,message", BAD[:5] + BAD[9:11], ids=[m.split(":")[0] for _, m in BAD[:5] + BAD[9:11]])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, sections, message):
-    path = tmp_path / "bad.toml"
-    _write_toml(path, make_raw(**sections))
+    path = write_sweep(tmp_path / "bad.toml", **sections)
     out = tmp_path / "out"
     assert main(["run", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
