@@ -8,6 +8,7 @@ SIGINT, and a restarted sweep picks up exactly where the last checkpoint left it
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,7 +29,7 @@ class Progress:
     steps_total: int
     memorised: int  # among this process's runs (counting all processes' would need a collective)
     grokked: int
-    model_steps_per_s: float  # trained by this process since it started
+    model_steps_per_s: float  # all processes together, since this one started
     batch: int
     n_batches: int
 
@@ -68,7 +69,7 @@ def _agree(value: str) -> bool:
         return True
     from jax.experimental import multihost_utils
 
-    digest = np.frombuffer(__import__("hashlib").sha256(value.encode()).digest()[:8], np.int64)
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int64)
     return bool((multihost_utils.process_allgather(digest) == digest).all())
 
 
@@ -91,6 +92,7 @@ def _stop_requested(store: Store) -> bool:
         return asked
     from jax.experimental import multihost_utils
 
+    # One tiny all-gather per chunk, only with several processes, next to the metrics transfer.
     signals = multihost_utils.process_allgather(np.array(store.stop_signal or 0))
     store.stop_signal = store.stop_signal or int(signals.max()) or None
     return bool(signals.any())
