@@ -77,25 +77,32 @@ def _adamw(params, cfg, lr, wd):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s / max(cfg.warmup_steps, 1), 1.0))
 
 
+def _train(cfg, params, lr, wd, loss_fn, eval_fn) -> None:
+    """The training loop both contenders share: AdamW steps on loss_fn(), eval_fn() every eval_every
+    steps (it ends in a host sync, as the reference implementations' logging does)."""
+    opt, sched = _adamw(params, cfg, lr, wd)
+    for step in range(1, cfg.steps + 1):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % cfg.eval_every == 0:
+            with torch.no_grad():
+                eval_fn()
+
+
 def torch_loop(static, table, n_train, n_runs, lr, wd) -> float:
     """Seconds to train n_runs models one after another, the reference implementations' way."""
     inputs, targets, train_idx = _data(static, table, n_train)
     x, y = inputs[train_idx], targets[train_idx]
-    cfg = static.train
     start = time.perf_counter()
     for r in range(n_runs):
         torch.manual_seed(r)
         model = _model(static, table)
-        opt, sched = _adamw(model.parameters(), cfg, lr, wd)
-        for step in range(1, cfg.steps + 1):
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % cfg.eval_every == 0:
-                with torch.no_grad():
-                    (model(inputs).argmax(-1) == targets).float().mean().item()
+        _train(static.train, model.parameters(), lr, wd,
+               loss_fn=lambda: nn.functional.cross_entropy(model(x), y),
+               eval_fn=lambda: (model(inputs).argmax(-1) == targets).float().mean().item())
     return time.perf_counter() - start
 
 
@@ -104,7 +111,6 @@ def torch_vmap(static, table, n_train, n_runs, lr, wd) -> float:
     over functional_call, one AdamW over the stacked tensors)."""
     inputs, targets, train_idx = _data(static, table, n_train)
     x, y = inputs[train_idx], targets[train_idx]
-    cfg = static.train
     models = []
     for r in range(n_runs):
         torch.manual_seed(r)
@@ -112,17 +118,13 @@ def torch_vmap(static, table, n_train, n_runs, lr, wd) -> float:
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
     forward = vmap(lambda p, b, data: functional_call(base, (p, b), (data,)), in_dims=(0, 0, None))
-    opt, sched = _adamw(params.values(), cfg, lr, wd)
-    start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+
+    def loss_fn():
         logits = forward(params, buffers, x)  # [runs, n_train, classes]
         # The sum of per-run mean losses: each run's gradient is its own loss's gradient.
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.repeat(n_runs), reduction="sum") / len(y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % cfg.eval_every == 0:
-            with torch.no_grad():
-                (forward(params, buffers, inputs).argmax(-1) == targets).float().mean(-1).cpu().numpy()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), y.repeat(n_runs), reduction="sum") / len(y)
+
+    start = time.perf_counter()
+    _train(static.train, params.values(), lr, wd, loss_fn,
+           eval_fn=lambda: (forward(params, buffers, inputs).argmax(-1) == targets).float().mean(-1).cpu().numpy())
     return time.perf_counter() - start
