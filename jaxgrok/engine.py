@@ -44,12 +44,6 @@ class SweepResult:
     compile_s: float
     train_s: float
 
-    def runs_table(self):
-        return _runs_table(self.sweep, self.index, self.curves, self.outcomes)
-
-    def curves_table(self):
-        return results.curves_table(self.index, self.steps, self.curves, self.sweep.resolved)
-
 
 def _global(tree, sharding):
     """Global arrays from host data that every process holds in full (the sweep's hyperparameters)."""
@@ -103,7 +97,7 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
     todo = index if store is None else store.pending(index)
     batches, resume = [], False
     if store is not None and (hashes := store.checkpointed_hashes()):
-        position = {h: i for i, h in enumerate(sweep.run_hashes())}
+        position = {h: i for i, h in enumerate(sweep.run_hashes)}
         rows = np.array([position.get(h, -1) for h in hashes])
         if len(rows) <= per_batch and (rows >= 0).all() and np.isin(rows, todo).all():
             batches.append(rows)
@@ -139,7 +133,7 @@ def train_sweep(
     n_evals = static.train.steps // static.train.eval_every
     n_chunks = n_evals // program.evals_per_chunk
     steps = np.arange(1, n_evals + 1, dtype=np.int64) * static.train.eval_every
-    hashes = sweep.run_hashes()
+    hashes = sweep.run_hashes
     thr = static.grokking.threshold
 
     def batch_hparams(rows):

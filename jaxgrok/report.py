@@ -133,7 +133,8 @@ def write(results_dir: Path, cols, resolved, rows, keys, sens_rows, notes, curve
     if axes:
         from jaxgrok.analyze import cell_stats
 
-        figs["phase_diagram"] = phase_diagram(cell_stats(cols, axes), axes[0], axes[1] if len(axes) > 1 else None, folder)
+        by_axes = rows if axes == keys else cell_stats(cols, axes)  # other axes pooled
+        figs["phase_diagram"] = phase_diagram(by_axes, axes[0], axes[1] if len(axes) > 1 else None, folder)
     figs["survival"] = survival_curves(rows, keys, float(cols["steps"].max()), folder)
     figs["t_val_distribution"] = t_val_distribution(cols, keys, rows, folder)
     if curves is not None:

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jaxgrok import tasks
 from jaxgrok.sweep import AXES
 
 RUNS_SCHEMA = pa.schema([
@@ -82,13 +81,11 @@ def _nullable_int(x: np.ndarray) -> pa.Array:
 def runs_table(sweep, index, outcomes, finals) -> pa.Table:
     """One row per run. `index`: the runs' positions in the sweep; `outcomes`: grokking.analyse();
     `finals`: the last evaluation's metrics, name -> [runs]."""
-    run_hashes = sweep.run_hashes()
-    n_pairs = tasks.n_pairs(sweep.static.task)
     cols = {
         "run_id": pa.array(index, pa.int32()),
-        "run_hash": pa.array([run_hashes[i] for i in index], pa.string()),
+        "run_hash": pa.array([sweep.run_hashes[i] for i in index], pa.string()),
         **{a: pa.array(sweep.runs[a][index], RUNS_SCHEMA.field(a).type) for a in AXES},
-        "n_train": pa.array(np.round(sweep.runs["train_fraction"][index] * n_pairs), pa.int32()),
+        "n_train": pa.array(sweep.n_train[index], pa.int32()),
         "steps": pa.array(np.full(len(index), sweep.static.train.steps), pa.int64()),
         "t_train": _nullable_int(outcomes["t_train"]),
         "t_val": _nullable_int(outcomes["t_val"]),

@@ -41,7 +41,7 @@ class Store:
         self.out, self.sweep, self.checkpoint_every = Path(out), sweep, checkpoint_every
         self.tag, self.shard_tag = tag, shard_tag
         self.parts = self.out / "parts"
-        self.hashes = sweep.run_hashes()
+        self.hashes = sweep.run_hashes
         self.stop_signal: int | None = None
         if restart:
             for p in (self.parts, self.out / "checkpoints", self.out / "runs.parquet", self.out / "curves.parquet"):
@@ -106,34 +106,37 @@ class Store:
             cursor=ocp.args.JsonSave({"run_hashes": run_hashes, "chunks_done": chunks_done})))
         self.manager.wait_until_finished()
 
-    def restore(self, abstract):
-        """The newest readable checkpoint as (state, curves, chunks_done), or None. `abstract` gives
-        shapes and shardings. An unreadable checkpoint is reported and the one before it is used."""
-        import orbax.checkpoint as ocp
-
+    def _newest_readable(self, args, report: bool):
+        """Restore `args` from the newest checkpoint that reads; an unreadable one is reported (if
+        `report`) and the one before it tried. None if none reads."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                got = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), cursor=ocp.args.JsonRestore()))
+                return self.manager.restore(step, args=args)
             except Exception as e:  # noqa: BLE001 - any failure to read means: use the one before
-                print(f"jaxgrok: checkpoint {step} in {self.manager.directory} is unreadable "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); using the one before",
-                      file=sys.stderr)
-                continue
-            state = got.state["state"]
-            return state._replace(key=jax.random.wrap_key_data(state.key)), got.state["curves"], got.cursor["chunks_done"]
+                if report:
+                    print(f"jaxgrok: checkpoint {step} in {self.manager.directory} is unreadable "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); using the one before",
+                          file=sys.stderr)
         return None
+
+    def restore(self, abstract):
+        """The newest readable checkpoint as (state, curves, chunks_done), or None. `abstract` gives
+        shapes and shardings."""
+        import orbax.checkpoint as ocp
+
+        got = self._newest_readable(ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                       cursor=ocp.args.JsonRestore()), report=True)
+        if got is None:
+            return None
+        state = got.state["state"]
+        return state._replace(key=jax.random.wrap_key_data(state.key)), got.state["curves"], got.cursor["chunks_done"]
 
     def checkpointed_hashes(self) -> list[str] | None:
         """The runs of the batch in progress, read from the newest checkpoint's cursor."""
         import orbax.checkpoint as ocp
 
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                return self.manager.restore(step, args=ocp.args.Composite(cursor=ocp.args.JsonRestore())).cursor["run_hashes"]
-            except Exception:  # noqa: BLE001
-                continue
-        return None
+        got = self._newest_readable(ocp.args.Composite(cursor=ocp.args.JsonRestore()), report=False)
+        return None if got is None else got.cursor["run_hashes"]
 
     def clear_checkpoints(self) -> None:
         for step in self.manager.all_steps():

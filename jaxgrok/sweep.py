@@ -10,6 +10,7 @@ in `zip` vary together instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -135,6 +136,12 @@ class Sweep:
         """Axes that take more than one value, seeds included."""
         return [a for a in AXES if len(np.unique(self.runs[a])) > 1]
 
+    @functools.cached_property
+    def n_train(self) -> np.ndarray:
+        """Training pairs per run: round(train_fraction · N) of the task's N pairs."""
+        return n_train(self.runs["train_fraction"], tasks.n_pairs(self.static.task))
+
+    @functools.cached_property
     def run_hashes(self) -> list[str]:
         """A stable id per run: the hash of everything that determines its training (how the
         steps are cut into chunks and runs into batches does not)."""
@@ -147,6 +154,10 @@ class Sweep:
             blob = static + json.dumps(hp, sort_keys=True)
             out.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
         return out
+
+
+def n_train(train_fraction, n_pairs: int) -> np.ndarray:
+    return np.round(np.asarray(train_fraction) * n_pairs).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,13 +368,13 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
 
     runs = _expand(raw["sweep"], f"{where}: sweep")
     n_pairs = tasks.n_pairs(task)
-    n_train = np.round(runs["train_fraction"] * n_pairs).astype(int)
-    if n_train.min() < 1 or n_train.max() >= n_pairs:
+    sizes = n_train(runs["train_fraction"], n_pairs)
+    if sizes.min() < 1 or sizes.max() >= n_pairs:
         raise SweepError(f"{where}: sweep.train_fraction: leaves an empty training or validation set of {n_pairs} pairs")
-    if train.batch_size and train.batch_size > n_train.min():
-        raise SweepError(f"{where}: train.batch_size: larger than the smallest training set ({n_train.min()} pairs)")
+    if train.batch_size and train.batch_size > sizes.min():
+        raise SweepError(f"{where}: train.batch_size: larger than the smallest training set ({sizes.min()} pairs)")
 
-    static = Static(task, model, train, grokking, n_train_max=int(n_train.max()))
+    static = Static(task, model, train, grokking, n_train_max=int(sizes.max()))
     resolved = {
         "name": raw.get("name", default_name),
         "paper": raw["paper"],

@@ -59,14 +59,13 @@ class Program(NamedTuple):
 def hparams_for(sweep: Sweep, index: np.ndarray) -> Hparams:
     """The host-side Hparams of the runs `index` of a sweep."""
     r = sweep.runs
-    n_pairs = tasks.n_pairs(sweep.static.task)
     return Hparams(
         seed=r["seed"][index].astype(np.int32),
         data_seed=r["data_seed"][index].astype(np.int32),
         learning_rate=r["learning_rate"][index].astype(np.float32),
         weight_decay=r["weight_decay"][index].astype(np.float32),
         init_scale=r["init_scale"][index].astype(np.float32),
-        n_train=np.round(r["train_fraction"][index] * n_pairs).astype(np.int32),
+        n_train=sweep.n_train[index].astype(np.int32),
     )
 
 

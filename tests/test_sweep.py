@@ -18,7 +18,7 @@ def test_product_of_axes_with_seeds_fastest(tiny_sweep):
     assert list(s.runs["seed"]) == [0, 1, 2, 0, 1, 2]
     assert list(s.runs["weight_decay"]) == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
     assert s.swept == ["weight_decay", "seed"]
-    assert len(set(s.run_hashes())) == 6
+    assert len(set(s.run_hashes)) == 6
 
 
 def test_zipped_axes_vary_together(tiny_sweep):
