@@ -81,15 +81,15 @@ def _jax_loop_seconds(sweep, n_runs: int) -> tuple[float, float]:
     program = train.make_program(sweep.static, jax.devices()[:1])
     hp = jax.device_put(train.hparams_for(sweep, np.array([0])), program.sharding)
     t = time.perf_counter()
-    chunk = program.chunk.lower(program.init(hp), hp).compile()
+    chunk = program.chunk.lower(program.init(hp), hp, np.int32(0)).compile()
     compile_s = time.perf_counter() - t
     n_chunks = sweep.static.train.steps // sweep.static.train.eval_every // program.evals_per_chunk
     start = time.perf_counter()
     for r in range(n_runs):
         hp = jax.device_put(train.hparams_for(sweep, np.array([r])), program.sharding)
         state = program.init(hp)
-        for _ in range(n_chunks):
-            state, metrics = chunk(state, hp)
+        for c in range(n_chunks):
+            state, metrics = chunk(state, hp, np.int32(c * program.evals_per_chunk))
             np.asarray(metrics)  # the same per-chunk host transfer the engine makes
     return compile_s, time.perf_counter() - start
 

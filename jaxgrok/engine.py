@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxgrok import grokking, results, train
+from jaxgrok import grokking, measures, results, train
 from jaxgrok.store import Interrupted, Store
 from jaxgrok.sweep import Sweep
 
@@ -41,6 +41,7 @@ class SweepResult:
     steps: np.ndarray  # [evals]: the step of each evaluation
     curves: dict[str, np.ndarray]  # metric -> float32[runs, evals]
     outcomes: dict[str, np.ndarray]  # grokking.analyse()
+    energies: np.ndarray  # float32[runs, K]: each run's final Fourier spectrum (K = 0: none)
     compile_s: float
     train_s: float
 
@@ -75,8 +76,10 @@ def _abstract(state, curves: np.ndarray, sharding):
     return {"state": shapes, "curves": jax.ShapeDtypeStruct(curves.shape, curves.dtype, sharding=sharding)}
 
 
-def _runs_table(sweep, index, curves, outcomes):
-    return results.runs_table(sweep, index, outcomes, {m: c[:, -1] for m, c in curves.items()})
+def _runs_table(sweep, index, curves, outcomes, energies):
+    share = sweep.static.measures.key_freq_share
+    key_freqs = measures.key_frequencies(energies, share) if sweep.static.measures.fourier else None
+    return results.runs_table(sweep, index, outcomes, {m: c[:, -1] for m, c in curves.items()}, key_freqs)
 
 
 def _stop_requested(store: Store) -> bool:
@@ -142,13 +145,14 @@ def train_sweep(
         return _global(train.hparams_for(sweep, padded), program.sharding)
 
     done_curves: list[np.ndarray] = []
+    done_energies: list[np.ndarray] = []
     trained_rows: list[np.ndarray] = []
     compile_s, start = 0.0, time.perf_counter()
     if batches:
         # Compile both programs once, ahead of time, and time that apart from training.
         hp = batch_hparams(batches[0])
         init = program.init.lower(hp).compile()
-        chunk = program.chunk.lower(init(hp), hp).compile()
+        chunk = program.chunk.lower(init(hp), hp, np.int32(0)).compile()
         compile_s = time.perf_counter() - start
     start, trained_here = time.perf_counter(), 0
     total = sum(len(r) for r in batches) * static.train.steps  # over all processes
@@ -181,7 +185,9 @@ def train_sweep(
 
         pending = None
         for c in range(first, n_chunks):
-            state, metrics = chunk(state, hp)
+            # The evaluation counter makes the measures' cadence and randomness count from the run's
+            # start, whatever the chunking.
+            state, metrics = chunk(state, hp, np.int32(c * program.evals_per_chunk))
             if pending is not None:
                 collect(*pending)
             pending = (c, metrics)
@@ -195,14 +201,17 @@ def train_sweep(
                     raise Interrupted(store.stop_signal)
         if pending is not None:
             collect(*pending)
+        pos, energies = _local(state.energies)  # the final spectrum: each run's key frequencies
+        energies = energies[np.isin(pos, mine)]
         del state
         curves, rows = curves[mine], rows[mine]  # with several processes, each keeps its own runs
         if store is not None:
             named = {m: curves[..., i] for i, m in enumerate(train.METRICS)}
             outcomes = grokking.analyse(named, steps, static.grokking)
-            store.write_batch(_runs_table(sweep, rows, named, outcomes),
+            store.write_batch(_runs_table(sweep, rows, named, outcomes, energies),
                               results.curves_table(rows, steps, named, sweep.resolved, [hashes[i] for i in rows]))
         done_curves.append(curves)
+        done_energies.append(energies)
         trained_rows.append(rows)
         finished += len(batches[b])
 
@@ -210,4 +219,5 @@ def train_sweep(
     all_curves = np.concatenate(done_curves) if done_curves else np.zeros((0, n_evals, len(train.METRICS)), np.float32)
     named = {m: all_curves[..., i] for i, m in enumerate(train.METRICS)}
     outcomes = grokking.analyse(named, steps, static.grokking)
-    return SweepResult(sweep, trained, steps, named, outcomes, compile_s, time.perf_counter() - start)
+    energies = np.concatenate(done_energies) if done_energies else np.zeros((0, 0), np.float32)
+    return SweepResult(sweep, trained, steps, named, outcomes, energies, compile_s, time.perf_counter() - start)

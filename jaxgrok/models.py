@@ -19,6 +19,7 @@ class Model(NamedTuple):
     apply: Callable  # (params, pairs int32[N, 2]) -> logits float32[N, n_classes]
     forward_flops: Callable  # n_pairs -> matmul FLOPs of one forward pass (2·m·n·k each)
     activations: Callable  # n_pairs -> floats one forward pass keeps for the backward pass
+    embedding: Callable  # params -> float32[n_symbols, D]: the operands' embeddings, for the measures
 
 
 def _uniform(key, shape, fan_in):
@@ -35,9 +36,11 @@ def mlp(cfg, n_symbols: int, n_classes: int) -> Model:
     d, h = cfg.d_embed, cfg.d_hidden
     act = ACTIVATIONS[cfg.activation]
 
+    tied, out_bias = getattr(cfg, "tie_embeddings", False), getattr(cfg, "output_bias", True)
+
     def init(key):
         k = jax.random.split(key, 6)
-        return {
+        params = {
             "embed_a": jax.random.normal(k[0], (n_symbols, d)),  # nn.Embedding: N(0, 1)
             "embed_b": jax.random.normal(k[1], (n_symbols, d)),
             "w1": _uniform(k[2], (2 * d, h), 2 * d),
@@ -45,19 +48,30 @@ def mlp(cfg, n_symbols: int, n_classes: int) -> Model:
             "w2": _uniform(k[4], (h, n_classes), h),
             "b2": _uniform(k[5], (n_classes,), h),
         }
+        if tied:  # one table for both operands; two d -> h maps, each with fan-in d (devinterp)
+            del params["embed_b"]
+            params["w1"], params["b1"] = _uniform(k[2], (2 * d, h), d), _uniform(k[3], (h,), d)
+        if not out_bias:
+            del params["b2"]
+        return params
 
     def apply(params, pairs):
         # concat(Ea[a], Eb[b]) @ W1 == (Ea @ W1[:d])[a] + (Eb @ W1[d:])[b]: project the n_symbols
         # embeddings once instead of the embeddings of all N pairs (N = n_symbols² here).
         proj_a = params["embed_a"] @ params["w1"][:d]
-        proj_b = params["embed_b"] @ params["w1"][d:]
+        proj_b = params["embed_a" if tied else "embed_b"] @ params["w1"][d:]
         hidden = act(proj_a[pairs[:, 0]] + proj_b[pairs[:, 1]] + params["b1"])
-        return hidden @ params["w2"] + params["b2"]
+        out = hidden @ params["w2"]
+        return out + params["b2"] if out_bias else out
+
+    def embedding(params):
+        return params["embed_a"] if tied else jnp.concatenate([params["embed_a"], params["embed_b"]], 1)
 
     return Model(
         init, apply,
         forward_flops=lambda n: 2 * (2 * n_symbols * d * h) + n * 2 * h * n_classes,
         activations=lambda n: 2 * n_symbols * h + n * (2 * h + n_classes),
+        embedding=embedding,
     )
 
 
@@ -142,6 +156,7 @@ def transformer(cfg, n_symbols: int, n_classes: int) -> Model:
         init, apply,
         forward_flops=lambda n: n * ((L - 1) * full + last + 2 * d * n_classes),
         activations=lambda n: n * (L * n_ctx * (6 * d + 3 * H * n_ctx + 2 * m) + n_classes),
+        embedding=lambda params: params["embed"][:n_symbols],  # without the "=" token
     )
 
 
@@ -168,6 +183,8 @@ def gromov(cfg, n_symbols: int, n_classes: int) -> Model:
         init, apply,
         forward_flops=lambda pairs: pairs * 2 * n * n_classes,
         activations=lambda pairs: pairs * (2 * n + n_classes),
+        # The first layer's rows for operand a beside those for operand b.
+        embedding=lambda params: jnp.concatenate([params["w1"][:n_symbols], params["w1"][n_symbols:]], 1),
     )
 
 

@@ -40,6 +40,7 @@ RUNS_SCHEMA = pa.schema([
     ("final_val_loss", pa.float32()),
     ("final_val_acc", pa.float32()),
     ("final_weight_norm", pa.float32()),
+    ("key_freqs", pa.list_(pa.int32())),  # null: Fourier measures off or not applicable
 ])
 
 CURVES_SCHEMA = pa.schema([
@@ -50,7 +51,18 @@ CURVES_SCHEMA = pa.schema([
     ("val_loss", pa.float32()),
     ("val_acc", pa.float32()),
     ("weight_norm", pa.float32()),
+    # Progress measures (jaxgrok/measures); null where off, not applicable, or not evaluated then.
+    ("dist_from_init", pa.float32()),
+    ("fourier_gini", pa.float32()),
+    ("n_key_freqs", pa.int32()),
+    ("top_freq_share", pa.float32()),
+    ("circularity", pa.float32()),
+    ("restricted_loss", pa.float32()),
+    ("excluded_loss", pa.float32()),
+    ("llc", pa.float32()),
+    ("llc_std", pa.float32()),
 ])
+MEASURE_COLUMNS = CURVES_SCHEMA.names[7:]
 
 KIND_KEY = b"jaxgrok.kind"
 
@@ -73,14 +85,22 @@ def metadata(kind: str, resolved: dict) -> dict[bytes, bytes]:
     }
 
 
+def _measure_column(x: np.ndarray, typ) -> pa.Array:
+    x = np.asarray(x, np.float64)
+    missing = ~np.isfinite(x)
+    values = np.nan_to_num(x, nan=0, posinf=0, neginf=0)
+    return pa.array(values.astype(np.int32) if pa.types.is_integer(typ) else values.astype(np.float32), typ,
+                    mask=missing)
+
+
 def _nullable_int(x: np.ndarray) -> pa.Array:
     x = np.asarray(x, np.float64)
     return pa.array(np.nan_to_num(x, nan=0).astype(np.int64), pa.int64(), mask=np.isnan(x))
 
 
-def runs_table(sweep, index, outcomes, finals) -> pa.Table:
+def runs_table(sweep, index, outcomes, finals, key_freqs=None) -> pa.Table:
     """One row per run. `index`: the runs' positions in the sweep; `outcomes`: grokking.analyse();
-    `finals`: the last evaluation's metrics, name -> [runs]."""
+    `finals`: the last evaluation's metrics, name -> [runs]; `key_freqs`: a list per run, or None."""
     cols = {
         "run_id": pa.array(index, pa.int32()),
         "run_hash": pa.array([sweep.run_hashes[i] for i in index], pa.string()),
@@ -95,6 +115,7 @@ def runs_table(sweep, index, outcomes, finals) -> pa.Table:
         "diverged": pa.array(outcomes["diverged"], pa.bool_()),
         **{f"final_{m}": pa.array(finals[m], pa.float32()) for m in
            ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")},
+        "key_freqs": pa.array(key_freqs if key_freqs is not None else [None] * len(index), pa.list_(pa.int32())),
     }
     return pa.Table.from_pydict(cols, schema=RUNS_SCHEMA.with_metadata(metadata("runs", sweep.resolved)))
 
@@ -106,7 +127,9 @@ def curves_table(index, steps, curves: dict[str, np.ndarray], resolved, run_hash
     cols = {
         "run_id": pa.array(np.repeat(np.asarray(index, np.int32), n_evals), pa.int32()),
         "step": pa.array(np.tile(np.asarray(steps, np.int64), n_runs), pa.int64()),
-        **{m: pa.array(curves[m].reshape(-1), pa.float32()) for m in CURVES_SCHEMA.names[2:]},
+        **{m: pa.array(curves[m].reshape(-1), pa.float32()) for m in CURVES_SCHEMA.names[2:7]},
+        # A measure that was not taken is NaN in the program and null here.
+        **{m: _measure_column(curves[m].reshape(-1), CURVES_SCHEMA.field(m).type) for m in MEASURE_COLUMNS},
     }
     schema = CURVES_SCHEMA
     if run_hashes is not None:

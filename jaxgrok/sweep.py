@@ -1,7 +1,7 @@
 """Sweep files: a TOML file in, a validated static config and the table of runs out.
 
-A sweep file has five tables. `[task]`, `[model]`, `[train]` and `[grokking]` fix everything that
-decides the compiled program (shapes, depth, step budget); `[sweep]` lists the values of the axes
+A sweep file has six tables. `[task]`, `[model]`, `[train]`, `[grokking]` and `[measures]` fix
+everything that decides the compiled program (shapes, depth, step budget); `[sweep]` lists the values of the axes
 that vary *inside* that one program: model seed, data seed, weight decay, learning rate,
 initialization scale and train fraction. The runs are the product of the axes; axes named together
 in `zip` vary together instead.
@@ -52,6 +52,9 @@ class MLPConfig:
     d_embed: int = field(default=32, metadata=_check(lambda v: v > 0, "must be > 0"))
     d_hidden: int = field(default=128, metadata=_check(lambda v: v > 0, "must be > 0"))
     activation: str = field(default="relu", metadata=_check(lambda v: v in ("relu", "gelu"), "must be relu or gelu"))
+    # devinterp's grokking MLP: one embedding table shared by both operands, no output bias.
+    tie_embeddings: bool = False
+    output_bias: bool = True
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,9 @@ class TrainConfig:
     warmup_steps: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be ≥ 0"))
     beta1: float = field(default=0.9, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     beta2: float = field(default=0.98, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    # adamw: decoupled weight decay (Loshchilov & Hutter); adam: torch.optim.Adam's weight_decay,
+    # an L2 term added to the gradient before the moments (devinterp's and Grokfast's code use it).
+    optimizer: str = field(default="adamw", metadata=_check(lambda v: v in ("adamw", "adam"), "must be adamw or adam"))
     loss: str = field(default="auto", metadata=_check(lambda v: v in ("auto", "cross_entropy", "mse"), "must be auto, cross_entropy or mse"))
     chunk_steps: int = field(default=1000, metadata=_check(lambda v: v > 0, "must be > 0"))
     max_runs_per_batch: int = field(default=0, metadata=_check(lambda v: v >= 0, "must be ≥ 0 (0 = fit to memory)"))
@@ -101,6 +107,29 @@ class GrokkingConfig:
 
 
 @dataclass(frozen=True)
+class MeasuresConfig:
+    """Progress measures computed inside the compiled program at every evaluation (measures/)."""
+
+    dist_from_init: bool = True  # ‖θ − θ₀‖
+    fourier: bool = True  # fourier_gini, n_key_freqs, top_freq_share; key_freqs in runs.parquet
+    key_freq_share: float = field(default=0.9, metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    circularity: bool = True  # Zhong et al. 2023
+    restricted_loss: bool = True  # Nanda et al. 2023: restricted and excluded loss (x+y, x-y)
+    restricted_freqs: int = field(default=5, metadata=_check(lambda v: v >= 1, "must be ≥ 1"))
+    # The local learning coefficient by SGLD (Lau et al. 2025; devinterp). Off unless asked: it
+    # costs chains × (burn_in + draws) minibatch gradient steps per estimate.
+    llc: bool = False
+    llc_every: int = field(default=10, metadata=_check(lambda v: v >= 1, "must be ≥ 1 (evaluations between estimates)"))
+    llc_epsilon: float = field(default=3e-3, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
+    llc_gamma: float = field(default=5.0, metadata=_check(lambda v: v >= 0, "must be ≥ 0"))
+    llc_nbeta: float = field(default=2.0, metadata=_check(lambda v: v > 0, "must be > 0"))
+    llc_chains: int = field(default=4, metadata=_check(lambda v: 1 <= v <= 64, "must be 1 to 64"))
+    llc_draws: int = field(default=100, metadata=_check(lambda v: 1 <= v <= 100_000, "must be 1 to 100000"))
+    llc_burn_in: int = field(default=0, metadata=_check(lambda v: 0 <= v <= 100_000, "must be 0 to 100000"))
+    llc_batch_size: int = field(default=128, metadata=_check(lambda v: v >= 0, "must be ≥ 0 (0 = the whole training set)"))
+
+
+@dataclass(frozen=True)
 class Static:
     """Everything that decides the compiled program: hashable, closed over, never traced."""
 
@@ -108,6 +137,8 @@ class Static:
     model: MLPConfig | TransformerConfig | GromovConfig
     train: TrainConfig
     grokking: GrokkingConfig
+    measures: MeasuresConfig
+    n_train_min: int  # smallest training set in the sweep
     n_train_max: int  # largest training set in the sweep: the static length of the train gather
 
     @property
@@ -146,8 +177,9 @@ class Sweep:
         """A stable id per run: the hash of everything that determines its training (how the
         steps are cut into chunks and runs into batches does not)."""
         train = {k: v for k, v in self.resolved["train"].items() if k not in ("chunk_steps", "max_runs_per_batch")}
-        static = json.dumps({"task": self.resolved["task"], "model": self.resolved["model"], "train": train},
-                            sort_keys=True)
+        # The measures are in: a run's recorded columns depend on them (its training does not).
+        static = json.dumps({"task": self.resolved["task"], "model": self.resolved["model"], "train": train,
+                             "measures": self.resolved["measures"]}, sort_keys=True)
         out = []
         for i in range(self.n_runs):
             hp = {a: self.runs[a][i].item() for a in AXES}
@@ -285,7 +317,7 @@ def _tables_with(key: str, raw: dict) -> list[str]:
     if present:
         return present
     schema = {
-        "task": TaskConfig, "train": TrainConfig, "grokking": GrokkingConfig,
+        "task": TaskConfig, "train": TrainConfig, "grokking": GrokkingConfig, "measures": MeasuresConfig,
         "model": MODELS.get(raw.get("model", {}).get("kind"), MLPConfig),
     }
     found = [t for t, cls in schema.items() if key in {f.name for f in dataclasses.fields(cls)}]
@@ -332,7 +364,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
 
 
 def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "sweep") -> Sweep:
-    top = {"name", "paper", "description", "task", "model", "train", "grokking", "sweep"}
+    top = {"name", "paper", "description", "task", "model", "train", "grokking", "measures", "sweep"}
     for key in raw:
         if key not in top:
             raise SweepError(f"{where}: {key}: unknown key (known: {', '.join(sorted(top))})")
@@ -365,6 +397,18 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
     if train.steps % train.eval_every:
         raise SweepError(f"{where}: train.steps: must be a multiple of eval_every ({train.eval_every}), got {train.steps}")
     grokking = _build(GrokkingConfig, raw.get("grokking", {}), f"{where}: grokking")
+    measures = _build(MeasuresConfig, raw.get("measures", {}), f"{where}: measures")
+    asked = raw.get("measures", {})
+    modular = task.op in tasks.MODULAR_OPS
+    for key in ("fourier", "circularity"):
+        if asked.get(key) and not modular:
+            raise SweepError(f"{where}: measures.{key}: needs a modular task (residues 0..p-1), not {task.op}")
+    if asked.get("restricted_loss") and task.op not in tasks.SUM_OPS:
+        raise SweepError(f"{where}: measures.restricted_loss: defined for {' and '.join(tasks.SUM_OPS)} only, not {task.op}")
+    # Measures that do not apply to the task are off (their columns stay null).
+    measures = dataclasses.replace(measures, fourier=measures.fourier and modular,
+                                   circularity=measures.circularity and modular,
+                                   restricted_loss=measures.restricted_loss and task.op in tasks.SUM_OPS)
 
     runs = _expand(raw["sweep"], f"{where}: sweep")
     n_pairs = tasks.n_pairs(task)
@@ -374,7 +418,7 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
     if train.batch_size and train.batch_size > sizes.min():
         raise SweepError(f"{where}: train.batch_size: larger than the smallest training set ({sizes.min()} pairs)")
 
-    static = Static(task, model, train, grokking, n_train_max=int(sizes.max()))
+    static = Static(task, model, train, grokking, measures, n_train_min=int(sizes.min()), n_train_max=int(sizes.max()))
     resolved = {
         "name": raw.get("name", default_name),
         "paper": raw["paper"],
@@ -383,6 +427,7 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
         "model": dataclasses.asdict(model),
         "train": dataclasses.asdict(train),
         "grokking": dataclasses.asdict(grokking),
+        "measures": dataclasses.asdict(measures),
         "sweep": raw["sweep"],
     }
     return Sweep(resolved["name"], raw["paper"], resolved["description"], where, static, runs, resolved)

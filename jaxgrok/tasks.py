@@ -34,6 +34,8 @@ MODULAR = {
     "x^3+xy^2+y": lambda a, b, p: (a**3 + a * b**2 + b) % p,
 }
 MODULAR_OPS = tuple(MODULAR)
+# Answers that are a residue of a ± b: Nanda's restricted loss reads the logits along cos/sin(w(a ± b)).
+SUM_OPS = ("x+y", "x-y")
 NEEDS_PRIME = ("x/y", "x/y_if_odd_else_x-y")  # division needs every nonzero y to be invertible
 GROUP_OPS = ("s5",)  # composition x∘y in the symmetric group S5 (120 elements)
 OPS = MODULAR_OPS + GROUP_OPS

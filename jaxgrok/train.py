@@ -1,9 +1,10 @@
 """One compiled program trains every run of a sweep: vmap over a run axis, sharded over devices.
 
 `make_program(static)` does all Python-side setup once (the task table, the model, the optimizer
-recipe) and returns `init(hparams) -> state` and `chunk(state, hparams) -> (state, metrics)`, both
-jitted once. A chunk is `lax.scan` over evaluations, each `eval_every` optimizer steps followed by one
-evaluation on the full table; nothing leaves the device inside a chunk. Swept values (seeds, weight
+recipe, the progress measures) and returns `init(hparams) -> state` and `chunk(state, hparams,
+first_eval) -> (state, metrics)`, both jitted once. A chunk is `lax.scan` over evaluations, each
+`eval_every` optimizer steps followed by one evaluation on the full table: losses, accuracies and the
+measures of jaxgrok/measures; nothing leaves the device inside a chunk. Swept values (seeds, weight
 decay, learning rate, init scale, train fraction) are *arguments* with a leading run axis; whatever
 changes shapes stays in `static` and decides the compile.
 """
@@ -20,10 +21,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxgrok import models, tasks
+from jaxgrok import measures, models, tasks
 from jaxgrok.sweep import Static, Sweep
 
-METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")
+CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")
+METRICS = CURVES + measures.COLUMNS  # one row of a chunk's metrics per evaluation
 TRACES: collections.Counter = collections.Counter()  # trace counts, for the no-recompile test
 
 
@@ -40,16 +42,18 @@ class Hparams(NamedTuple):
 
 class RunState(NamedTuple):
     params: dict
+    params0: dict  # the initial parameters, for dist_from_init
     opt_state: optax.OptState
     order: jax.Array  # int32[N]: a permutation of the pairs; the first n_train are for training
     is_train: jax.Array  # bool[N]
     key: jax.Array  # minibatch sampling
     diverged: jax.Array  # bool: loss or gradient went non-finite; the run is frozen since
+    energies: jax.Array  # float32[K]: the embedding's Fourier spectrum at the latest evaluation
 
 
 class Program(NamedTuple):
     init: Callable  # Hparams -> RunState
-    chunk: Callable  # (RunState, Hparams) -> (RunState, metrics float32[runs, evals, len(METRICS)])
+    chunk: Callable  # (RunState, Hparams, first_eval) -> (RunState, metrics float32[runs, evals, len(METRICS)])
     model: models.Model
     table: tasks.Table
     sharding: NamedSharding
@@ -95,29 +99,36 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
     def optimizer(hp: Hparams):
         # Built inside the vmapped function, so each run closes over its own traced values.
         schedule = optax.linear_schedule(0.0, hp.learning_rate, cfg.warmup_steps)
+        if cfg.optimizer == "adam":  # torch.optim.Adam(weight_decay=...): L2 in the gradient
+            return optax.chain(optax.add_decayed_weights(hp.weight_decay),
+                               optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2))
         return optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=hp.weight_decay)
+
+    n_freqs = measures.n_frequencies(static, table.n_symbols)
 
     def init_run(hp: Hparams) -> RunState:
         k_init, k_batch = jax.random.split(jax.random.key(hp.seed))
         params = jax.tree.map(lambda w: w * hp.init_scale, model.init(k_init))
         order = jax.random.permutation(jax.random.key(hp.data_seed), n_pairs).astype(jnp.int32)
         is_train = jnp.zeros(n_pairs, bool).at[order].set(jnp.arange(n_pairs) < hp.n_train)
-        return RunState(params, optimizer(hp).init(params), order, is_train, k_batch, jnp.array(False))
+        return RunState(params, params, optimizer(hp).init(params), order, is_train, k_batch, jnp.array(False),
+                        jnp.zeros(n_freqs, jnp.float32))
 
     def loss_fn(params, idx, weight):
         logits = model.apply(params, inputs[idx])
         return (weight * per_example_loss(logits, targets[idx])).sum() / weight.sum()
 
+    def training_pairs(order, n_train, key, size: int):
+        """(pair ids, weights): all n_train training pairs (size 0), or `size` distinct ones drawn
+        with `key`."""
+        if size == 0:  # the first n_train pairs of the run's order, padded to the sweep's largest
+            return order[:n_train_max], (jnp.arange(n_train_max) < n_train).astype(jnp.float32)
+        noise = jax.random.uniform(key, (n_train_max,)) + (jnp.arange(n_train_max) >= n_train)
+        return order[jax.lax.top_k(-noise, size)[1]], jnp.ones(size, jnp.float32)
+
     def train_step(state: RunState, hp: Hparams) -> RunState:
-        key = state.key
-        if cfg.batch_size == 0:  # full batch: the first n_train pairs of the run's order
-            idx = state.order[:n_train_max]
-            weight = (jnp.arange(n_train_max) < hp.n_train).astype(jnp.float32)
-        else:  # a minibatch of distinct training pairs, drawn afresh each step
-            key, sub = jax.random.split(key)
-            noise = jax.random.uniform(sub, (n_train_max,)) + (jnp.arange(n_train_max) >= hp.n_train)
-            idx = state.order[jax.lax.top_k(-noise, cfg.batch_size)[1]]
-            weight = jnp.ones(cfg.batch_size, jnp.float32)
+        key, sub = jax.random.split(state.key) if cfg.batch_size else (state.key, None)
+        idx, weight = training_pairs(state.order, hp.n_train, sub, cfg.batch_size)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, idx, weight)
         updates, opt_state = optimizer(hp).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -126,29 +137,43 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
         keep = lambda new, old: jnp.where(diverged, old, new)  # noqa: E731
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-        return RunState(params, opt_state, state.order, state.is_train, key, diverged)
+        return state._replace(params=params, opt_state=opt_state, key=key, diverged=diverged)
 
-    def evaluate(state: RunState) -> jax.Array:
+    measure = measures.build(static, model, table, per_example_loss)
+    m_cfg = static.measures
+    # The LLC's minibatches: its own size, or the whole training set when that is smaller.
+    llc_batch = m_cfg.llc_batch_size if m_cfg.llc_batch_size < static.n_train_min else 0
+
+    def evaluate(state: RunState, hp: Hparams, eval_index) -> tuple[jax.Array, jax.Array]:
         logits = model.apply(state.params, inputs)
         loss = per_example_loss(logits, targets)
         correct = (logits.argmax(-1) == targets).astype(jnp.float32)
         tr = state.is_train.astype(jnp.float32)
         va = 1.0 - tr
+        train_loss = (loss * tr).sum() / tr.sum()
         m = jnp.stack([
-            (loss * tr).sum() / tr.sum(), (correct * tr).sum() / tr.sum(),
+            train_loss, (correct * tr).sum() / tr.sum(),
             (loss * va).sum() / va.sum(), (correct * va).sum() / va.sum(),
             optax.tree.norm(state.params),
         ])
-        return jnp.where(state.diverged, jnp.nan, m)  # a diverged run's curve stops here
+        # The measures' randomness depends on the run and the evaluation only: resumable, and
+        # independent of how steps are cut into chunks. Training's own key is left alone.
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(hp.seed), hp.data_seed), eval_index)
+        batch_loss = lambda p, k: loss_fn(p, *training_pairs(state.order, hp.n_train, k, llc_batch))  # noqa: E731
+        values, energies = measure(measures.Inputs(state.params, state.params0, logits, state.is_train,
+                                                   train_loss, batch_loss, key, eval_index))
+        m = jnp.concatenate([m, values])
+        return jnp.where(state.diverged, jnp.nan, m), energies  # a diverged run's curve stops here
 
-    def chunk_run(state: RunState, hp: Hparams):
+    def chunk_run(state: RunState, hp: Hparams, first_eval):
         TRACES["chunk"] += 1  # runs at trace time only
 
-        def block(state, _):
+        def block(state, eval_index):
             state = jax.lax.fori_loop(0, cfg.eval_every, lambda _, s: train_step(s, hp), state)
-            return state, evaluate(state)
+            metrics, energies = evaluate(state, hp, eval_index)
+            return (state._replace(energies=energies) if n_freqs else state), metrics
 
-        return jax.lax.scan(block, state, None, length=n_evals)
+        return jax.lax.scan(block, state, first_eval + jnp.arange(n_evals, dtype=jnp.int32))
 
     devices = list(devices if devices is not None else jax.devices())
     mesh = Mesh(np.asarray(devices), ("runs",))
@@ -156,15 +181,17 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
     if vectorize is None:
         vectorize = devices[0].platform != "cpu"
     if vectorize:  # accelerators: all of a device's runs in one wide kernel
-        per_device = jax.vmap(chunk_run)
+        per_device = jax.vmap(chunk_run, in_axes=(0, 0, None))
     else:
         # CPU: one run after another. XLA's batched CPU kernels (and the scatter-adds that batched
         # gathers turn into) are slower per run than unbatched ones; each core is a device instead.
-        per_device = lambda state, hp: jax.lax.map(lambda a: chunk_run(*a), (state, hp))  # noqa: E731
-    # Each device trains its own shard of the run axis; nothing crosses devices.
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=P("runs"), out_specs=P("runs"))
+        per_device = lambda state, hp, e: jax.lax.map(lambda a: chunk_run(*a, e), (state, hp))  # noqa: E731
+    # Each device trains its own shard of the run axis; nothing crosses devices. The evaluation
+    # counter `first_eval` is one scalar for all runs (replicated).
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P("runs"), P("runs"), P()), out_specs=P("runs"))
     init = jax.jit(jax.vmap(init_run), in_shardings=runs, out_shardings=runs)
-    chunk = jax.jit(sharded, in_shardings=(runs, runs), out_shardings=(runs, runs), donate_argnums=0)
+    replicated = NamedSharding(mesh, P())
+    chunk = jax.jit(sharded, in_shardings=(runs, runs, replicated), out_shardings=(runs, runs), donate_argnums=0)
     return Program(init, chunk, model, table, runs, n_evals)
 
 
@@ -173,13 +200,18 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
 
 
 def bytes_per_run(static: Static, program: Program) -> int:
-    """A generous estimate of one run's device memory: params, AdamW moments, gradients and
-    update (5×), the split, and the activations of a forward and backward pass (3×) over the larger
-    of the training batch and the full evaluation table."""
+    """A generous estimate of one run's device memory: params, initial params, AdamW moments,
+    gradients and update (6×), the split, and the activations of a forward and backward pass (3×)
+    over the larger of the training batch and the full evaluation table; with the LLC, each chain's
+    weights, gradient and noise (3× params) and its minibatch's activations."""
     n_params = models.n_params(jax.eval_shape(program.model.init, jax.random.key(0)))
     n_pairs = len(program.table.targets)
     activations = program.model.activations(max(n_pairs, static.n_train_max))
-    return 4 * (5 * n_params + 3 * activations) + 8 * n_pairs
+    m = static.measures
+    if m.llc:
+        batch = m.llc_batch_size if 0 < m.llc_batch_size < static.n_train_min else static.n_train_max
+        activations += m.llc_chains * (3 * n_params + 3 * program.model.activations(batch))
+    return 4 * (6 * n_params + 3 * activations) + 8 * n_pairs
 
 
 def device_memory(device) -> int:
