@@ -240,5 +240,35 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
         notes.append("Seeds do not vary: no initialization sensitivity to report.")
     curves_path = results_dir / "curves.parquet"
     curves = results.read(curves_path, "curves") if curves_path.exists() else None
-    written |= report.write(results_dir, cols, resolved, rows, keys, sens_rows, notes, curves, x, y)
+    warn = None
+    if curves is not None:
+        warn, tables = early_warning(cols, curves, resolved, keys)
+        for name, table in tables.items():
+            written[name] = results_dir / f"{name}.parquet"
+            results.write_atomic(table, written[name])
+    written |= report.write(results_dir, cols, resolved, rows, keys, sens_rows, notes, curves, x, y, warn)
     return written
+
+
+def early_warning(cols: dict, curves: pa.Table, resolved: dict, keys: list[str]) -> tuple[dict, dict[str, pa.Table]]:
+    """The early-warning analysis (warning.py) as data for the report and as tables: events
+    (per run and measure), lead_times (per cell and measure), concordance (per measure and moment)."""
+    from jaxgrok import warning
+
+    ids, uniq = cell_ids(cols, keys)
+    event_rows, conc_rows, present, steps = warning.analyse(cols, curves, ids)
+    lead_rows = warning.lead_time_stats(event_rows, cols, keys, ids, uniq)
+    fields = [pa.field("measure", pa.string()), pa.field("event", pa.string())]
+    fields += [pa.field(k, pa.int64() if k in SEED_AXES else pa.float64()) for k in keys]
+    fields += [pa.field("n_runs", pa.int64()), pa.field("n_grokked", pa.int64())]
+    fields += [pa.field(f"lead_{s}", pa.float64()) for s in ("median", "median_lo", "median_hi", "q25", "q75")]
+    meta = lambda kind: results.metadata(kind, resolved)  # noqa: E731
+    tables = {
+        "events": pa.Table.from_pylist(event_rows, schema=warning.EVENTS_SCHEMA.with_metadata(meta("events"))),
+        "lead_times": pa.Table.from_pylist(lead_rows, schema=pa.schema(fields).with_metadata(meta("lead_times"))),
+        "concordance": pa.Table.from_pylist(conc_rows, schema=warning.CONCORDANCE_SCHEMA.with_metadata(meta("concordance"))),
+    }
+    snapshots = warning.embedding_snapshots(resolved, cols) if resolved.get("measures", {}).get("fourier") else None
+    warn = {"lead_times": lead_rows, "concordance": conc_rows, "present": present, "steps": steps,
+            "ids": ids, "uniq": uniq, "snapshots": snapshots}
+    return warn, tables

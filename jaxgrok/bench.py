@@ -1,7 +1,10 @@
 """`jaxgrok bench`: model-steps per second of jaxgrok beside its peers, measured in one invocation.
 
 Contenders, interleaved within each repeat so that machine drift falls on all of them alike:
-- jaxgrok: the engine as `jaxgrok run` uses it (vmapped over runs, sharded over devices);
+- jaxgrok: the engine (vmapped over runs, sharded over devices), training alone: no progress measures,
+  like its peers;
+- jaxgrok_measures: the same with the default measures (as `jaxgrok run` does by default);
+- jaxgrok_llc: the default measures and the LLC at its default cadence;
 - jax_loop: the engine's own program for one run, called once per run from a Python loop;
 - torch_loop: one PyTorch model after another, the way the reference implementations train;
 - torch_vmap: a torch.func ensemble (stack_module_state + vmap over functional_call).
@@ -23,7 +26,12 @@ import numpy as np
 from jaxgrok import engine, models, tasks, train
 from jaxgrok.sweep import sweep_from_dict
 
-CONTENDERS = ("jaxgrok", "jax_loop", "torch_loop", "torch_vmap")
+CONTENDERS = ("jaxgrok", "jaxgrok_measures", "jaxgrok_llc", "jax_loop", "torch_loop", "torch_vmap")
+MEASURES = {  # the [measures] table of each jaxgrok contender
+    "jaxgrok": {"dist_from_init": False, "fourier": False, "circularity": False, "restricted_loss": False},
+    "jaxgrok_measures": {},
+    "jaxgrok_llc": {"llc": True},
+}
 
 WORKLOADS = {
     # The quick-start model: embedding + MLP on x+y mod 31, half the table, full batch.
@@ -36,11 +44,12 @@ WORKLOADS = {
 }
 
 
-def workload_sweep(name: str, n_runs: int, steps: int, eval_every: int):
+def workload_sweep(name: str, n_runs: int, steps: int, eval_every: int, contender: str = "jaxgrok"):
     w = WORKLOADS[name]
     return sweep_from_dict({
         "name": f"bench_{name}", "paper": "benchmark workload", "task": w["task"], "model": w["model"],
         "train": {"steps": steps, "eval_every": eval_every, "chunk_steps": steps},
+        "measures": MEASURES.get(contender, MEASURES["jaxgrok"]),
         "sweep": {"seed": {"count": n_runs}, "weight_decay": w["weight_decay"],
                   "learning_rate": w["learning_rate"], "train_fraction": w["train_fraction"]},
     }, f"bench:{name}")
@@ -111,8 +120,8 @@ def measure(workload: str, n_runs: int, steps: int, eval_every: int, contenders,
         for c in contenders:
             if c.startswith("torch") and torch_mod is None:
                 continue
-            if c == "jaxgrok":
-                res = engine.train_sweep(sweep)
+            if c in MEASURES:
+                res = engine.train_sweep(workload_sweep(workload, n_runs, steps, eval_every, c))
                 entry = {"model_steps_per_s": n_runs * steps / res.train_s, "compile_s": res.compile_s, "runs_timed": n_runs}
             elif c == "jax_loop":
                 compile_s, secs = _jax_loop_seconds(sweep, k)

@@ -8,6 +8,7 @@ SIGINT, and a restarted sweep picks up exactly where the last checkpoint left it
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -221,3 +222,25 @@ def train_sweep(
     outcomes = grokking.analyse(named, steps, static.grokking)
     energies = np.concatenate(done_energies) if done_energies else np.zeros((0, 0), np.float32)
     return SweepResult(sweep, trained, steps, named, outcomes, energies, compile_s, time.perf_counter() - start)
+
+
+def params_at(sweep: Sweep, run: int, steps) -> dict[int, dict]:
+    """{step: parameters} of one run of a sweep after each of `steps` (0 or multiples of
+    eval_every), retrained alone on one device with the measures off (they do not touch training):
+    on CPU bit for bit the run the sweep trained. For figures of how an embedding forms."""
+    cfg = sweep.static.train
+    off = {f.name: False for f in dataclasses.fields(sweep.static.measures) if f.type in (bool, "bool")}
+    static = dataclasses.replace(sweep.static, train=dataclasses.replace(cfg, chunk_steps=cfg.eval_every),
+                                 measures=dataclasses.replace(sweep.static.measures, **off))
+    program = train.make_program(static, jax.devices()[:1])
+    hp = jax.device_put(train.hparams_for(sweep, np.array([run])), program.sharding)
+    state = program.init(hp)
+    wanted, out = sorted(set(int(s) for s in steps)), {}
+    take = lambda: jax.tree.map(lambda x: np.asarray(x)[0], state.params)  # noqa: E731
+    if 0 in wanted:
+        out[0] = take()
+    for c in range(max(wanted) // cfg.eval_every):
+        state, _ = program.chunk(state, hp, np.int32(c))
+        if (c + 1) * cfg.eval_every in wanted:
+            out[(c + 1) * cfg.eval_every] = take()
+    return out

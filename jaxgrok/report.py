@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from jaxgrok.grokking import PHASES  # noqa: E402
 
@@ -121,12 +122,133 @@ def accuracy_curves(curves, cols, folder: Path, n: int = 6) -> Path:
     return _save(fig, folder, "accuracy_curves")
 
 
+MEASURE_LABELS = {
+    "weight_norm": "weight norm ‖θ‖", "dist_from_init": "‖θ − θ₀‖", "fourier_gini": "Fourier Gini",
+    "n_key_freqs": "key frequencies", "top_freq_share": "top frequency's share", "circularity": "circularity",
+    "restricted_loss": "restricted loss", "excluded_loss": "excluded loss", "llc": "LLC (SGLD)",
+}
+
+
+def _fill_gaps(values: np.ndarray) -> np.ndarray:
+    """Linear interpolation across the evaluations a measure skips (the LLC's cadence), inside each
+    run's first and last value only: for drawing, never for statistics."""
+    out = values.copy()
+    x = np.arange(values.shape[1])
+    for row in out:
+        ok = np.isfinite(row)
+        if 1 < ok.sum() < len(row):
+            inside = (x >= x[ok][0]) & (x <= x[ok][-1])
+            row[inside] = np.interp(x[inside], x[ok], row[ok])
+    return out
+
+
+def aligned_measures(present: dict, steps: np.ndarray, cols, ids, uniq, keys, folder: Path, max_cells: int = 6) -> Path:
+    """Each measure against step − t_val over the grokked runs: median and interquartile band per
+    cell (an offset is drawn where at least 3 runs have a value there)."""
+    names = [n for n in MEASURE_LABELS if n in present]
+    grokked = ~cols["censored"]
+    cells = [c for c in range(len(uniq)) if (grokked & (ids == c)).any()]
+    shown = cells[:max_cells]
+    n_col = 3
+    n_row = -(-len(names) // n_col)
+    fig, axes = plt.subplots(n_row, n_col, figsize=(15, 3.3 * n_row), squeeze=False)
+    every = steps[1] - steps[0] if len(steps) > 1 else 1
+    n = len(steps)
+    offsets = (np.arange(2 * n - 1) - (n - 1)) * every
+    for ax, name in zip(axes.flat, names):
+        for j, c in enumerate(shown):
+            runs = np.nonzero(grokked & (ids == c))[0]
+            grid = np.full((len(runs), 2 * n - 1), np.nan)
+            shift = ((steps[None, :] - cols["t_val"][runs, None]) // every + (n - 1)).astype(int)
+            grid[np.arange(len(runs))[:, None], shift] = _fill_gaps(present[name][runs])
+            # Offsets reached by few runs (the longest waits) would draw noise as structure.
+            enough = np.isfinite(grid).sum(0) >= min(len(runs), max(3, len(runs) // 4))
+            with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+                __import__("warnings").simplefilter("ignore")
+                q = np.nanpercentile(grid[:, enough], [25, 50, 75], axis=0)
+            if not enough.any():
+                continue
+            label = _label({k: uniq[c][i] for i, k in enumerate(keys)}, keys) + f" ({len(runs)} runs)"
+            ax.plot(offsets[enough], q[1], color=f"C{j}", lw=1.3, label=label)
+            ax.fill_between(offsets[enough], q[0], q[2], color=f"C{j}", alpha=0.2, lw=0)
+        ax.axvline(0, color="k", lw=0.8, ls=":")
+        finite = present[name][np.isfinite(present[name])]
+        if name in ("restricted_loss", "excluded_loss") and _spans_decades(finite[finite > 0]):
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:g}")
+        ax.set(title=MEASURE_LABELS[name], xlabel="step − t_val (grokking at 0)")
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    if names:
+        axes.flat[0].legend(fontsize=7)
+    more = f"; cells shown: the first {len(shown)} of {len(cells)}" if len(cells) > len(shown) else ""
+    fig.suptitle(f"measures aligned on each run's grokking time (median and interquartile band over grokked runs{more})")
+    fig.tight_layout()
+    return _save(fig, folder, "measures_aligned")
+
+
+def circle_forming(run_id: int, snapshots: dict, labels: dict, folder: Path) -> Path:
+    """One run's embedding at a few moments (`labels`: step -> what the moment is), projected on
+    the plane of its final top frequency k: the residues arrange on a circle as the run groks, each
+    t at the angle of k·t mod p (the colour), as a clock at frequency k places it."""
+    from jaxgrok.measures.fourier import basis
+
+    steps = sorted(snapshots)
+    last = snapshots[steps[-1]]
+    p = last.shape[0]
+    fourier = basis(p)
+    coef = np.einsum("kjt,td->kjd", fourier, last - last.mean(0))
+    k = int(((coef**2).sum((1, 2))).argmax())
+    plane = np.linalg.qr(coef[k].T)[0]  # [D, 2]: orthonormal, spanned by the cos and sin components
+    fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.4))
+    for ax, s in zip(np.atleast_1d(axes), steps):
+        xy = (snapshots[s] - snapshots[s].mean(0)) @ plane
+        ax.scatter(xy[:, 0], xy[:, 1], c=(k + 1) * np.arange(p) % p, cmap="twilight", s=18)
+        order = np.argsort(np.arctan2(xy[:, 1], xy[:, 0]))
+        ax.plot(*xy[np.r_[order, order[:1]]].T, color="0.8", lw=0.6, zorder=0)
+        ax.set(title=f"step {s:,}: {labels.get(s, '')}", xticks=[], yticks=[], aspect="equal")
+    fig.suptitle(f"run {run_id}: embedding on the plane of its top frequency k = {k + 1} "
+                 f"(colour: k·t mod {p}, the place a clock at frequency k gives residue t)")
+    fig.tight_layout()
+    return _save(fig, folder, "circle_forming")
+
+
 def _fmt(v, digits=0):
     return "not reached" if v is None else f"{v:,.{digits}f}"
 
 
-def write(results_dir: Path, cols, resolved, rows, keys, sens_rows, notes, curves, x, y) -> dict[str, Path]:
-    """Draw every figure and write report.html; returns {name: path}."""
+def _warning_html(warn: dict | None, keys) -> str:
+    if not warn:
+        return ""
+    lead = "".join(
+        f"<tr><td>{html.escape(r['measure'])}</td><td style='text-align:left'>{html.escape(r['event'])}</td>"
+        + "".join(f"<td>{r[k]:g}</td>" for k in keys)
+        + f"<td>{r['n_runs']}</td><td>{r['n_grokked']}</td><td>{_fmt(r['lead_median'])} "
+        f"({_fmt(r['lead_median_lo'])}–{_fmt(r['lead_median_hi'])})</td>"
+        f"<td>{_fmt(r['lead_q25'])} – {_fmt(r['lead_q75'])}</td></tr>" for r in warn["lead_times"])
+    conc = "".join(
+        ("<tr style='background:#eee'>" if r["baseline"] else "<tr>") + f"<td>{html.escape(r['measure'])}"
+        f"{' (baseline)' if r['baseline'] else ''}</td><td>{html.escape(r['moment'])}</td><td>{r['c_index']:.2f}</td>"
+        f"<td>{r['ci_lo']:.2f}–{r['ci_hi']:.2f}</td><td>{r['n_runs']}</td><td>{r['n_pairs']:,}</td></tr>"
+        for r in sorted(warn["concordance"], key=lambda r: (r["moment"], -abs(r["c_index"] - 0.5))))
+    return f"""<h2>Early warning: the progress measures</h2>
+<p>Each run's <i>event</i> is when a measure moves (rule in the table); its <i>lead time</i> is t_val − event,
+positive when the measure moves before grokking. Runs that did not grok are censored at budget − event
+(Kaplan–Meier, as for t_val). Per run: events.parquet; per cell: lead_times.parquet.</p>
+<table><tr><th>measure</th><th>event</th>{"".join(f"<th>{html.escape(k)}</th>" for k in keys)}<th>runs with an event</th>
+<th>grokked</th><th>median lead time (95% CI)</th><th>interquartile range</th></tr>{lead}</table>
+<p><b>Which measure ranks runs by grokking time?</b> At a landmark (t_train, and later), among the runs that have
+memorised and not yet grokked, Harrell's C is the share of comparable pairs (same cell; the earlier t_val observed)
+in which the run with the <i>higher</i> value grokked first: 0.5 is no information, 1 perfect, below 0.5 the
+measure ranks the other way (a lower value means earlier grokking). Intervals: percentile bootstrap over runs.
+Weight norm alone is the baseline. (concordance.parquet)</p>
+<table><tr><th>measure</th><th>read at</th><th>C</th><th>95% CI</th><th>runs</th><th>pairs</th></tr>{conc}</table>"""
+
+
+def write(results_dir: Path, cols, resolved, rows, keys, sens_rows, notes, curves, x, y, warn=None) -> dict[str, Path]:
+    """Draw every figure and write report.html; returns {name: path}. `warn`: the early-warning
+    analysis (analyze.py), or None."""
     folder = results_dir / "figures"
     figs = {}
     axes = [a for a in (x, y) if a] or keys[:2]
@@ -139,6 +261,11 @@ def write(results_dir: Path, cols, resolved, rows, keys, sens_rows, notes, curve
     figs["t_val_distribution"] = t_val_distribution(cols, keys, rows, folder)
     if curves is not None:
         figs["accuracy_curves"] = accuracy_curves(curves, cols, folder)
+    if warn and warn["present"] and (~cols["censored"]).any():
+        figs["measures_aligned"] = aligned_measures(warn["present"], warn["steps"], cols, warn["ids"], warn["uniq"],
+                                                    keys, folder)
+    if warn and warn.get("snapshots"):
+        figs["circle_forming"] = circle_forming(*warn["snapshots"], folder)
 
     for r in rows:
         if r["t_val_median"] is None:
@@ -172,6 +299,7 @@ Runs that did not grok are right-censored at the budget (Kaplan–Meier); a medi
 <h2>Cells</h2><table><tr>{head}</tr>{body}</table>
 <h2>What explains the spread of log t_val</h2><table><tr><th>factor</th><th>share</th><th>95% bootstrap CI</th><th>runs</th></tr>{sens}</table>
 <p>{f"A fast seed stays fast? Spearman ρ of t_val between cells sharing seeds: median {np.median(rhos):.2f} over {len(rhos)} pairs of cells." if rhos else ""}</p>
+{_warning_html(warn, keys)}
 <h2>Notes</h2><ul>{"".join(f"<li>{html.escape(n)}</li>" for n in notes) or "<li>none</li>"}</ul>
 <h2>Figures</h2>{images}</body></html>"""
     path = results_dir / "report.html"

@@ -98,7 +98,9 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
 
     def optimizer(hp: Hparams):
         # Built inside the vmapped function, so each run closes over its own traced values.
-        schedule = optax.linear_schedule(0.0, hp.learning_rate, cfg.warmup_steps)
+        # optax's linear_schedule over 0 steps stays at its initial value (0) forever: no warm-up
+        # must mean the full learning rate from the first step.
+        schedule = optax.linear_schedule(0.0, hp.learning_rate, cfg.warmup_steps) if cfg.warmup_steps else hp.learning_rate
         if cfg.optimizer == "adam":  # torch.optim.Adam(weight_decay=...): L2 in the gradient
             return optax.chain(optax.add_decayed_weights(hp.weight_decay),
                                optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2))

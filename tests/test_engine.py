@@ -96,3 +96,10 @@ def test_a_small_configuration_truly_groks(tiny_sweep):
     early = result.steps <= 200
     assert (result.curves["val_acc"][grokked][:, early] < 0.5).all()  # memorised, not generalised
     assert (result.curves["val_acc"][grokked, -1] >= 0.99).all()
+
+
+def test_no_warm_up_trains_at_the_full_learning_rate(tiny_sweep):
+    """warmup_steps = 0 once meant optax's linear schedule over 0 steps: a learning rate of 0 forever."""
+    result = engine.train_sweep(tiny_sweep(train={"steps": 100, "eval_every": 50, "warmup_steps": 0}))
+    loss = result.curves["train_loss"]
+    assert (loss[:, -1] < 0.5 * loss[:, 0]).all()

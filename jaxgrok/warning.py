@@ -1,0 +1,215 @@
+"""Early warning of grokking: when each progress measure moves, how far ahead of t_val, and how well
+its value at a fixed early moment ranks runs by grokking time.
+
+Events, per run and measure (steps are evaluation steps):
+- weight_norm, llc: the step of the peak (Omnigrok's rise-then-fall of the norm; the LLC's rise
+  while memorising and fall through grokking, devinterp's grokking example);
+- fourier_gini, circularity: the first step at which the measure has gone half-way from its first
+  to its last value (Nanda et al. 2023: the Gini jumps at the clean-up; Zhong et al. 2023);
+- excluded_loss: the first step after t_train at which it has risen half-way from its value at
+  t_train to its later peak (Nanda et al. 2023: circuit formation raises it before the test loss falls).
+Lead time = t_val − event. A run that did not grok has a lead time known only to exceed
+budget − event: it is right-censored there, and cells are summarised by Kaplan–Meier as t_val is.
+
+Ranking: at a landmark (t_train, and t_train + k evaluations) the runs that have memorised and not
+yet grokked are ranked by each measure's value; Harrell's concordance index C says how often, of two
+comparable runs (the earlier t_val observed), the one with the higher value grokked first. 0.5 is no
+information; below 0.5 the measure ranks the other way. Pairs are formed within cells only, so
+that hyperparameters do not pass for the measure's foresight. Intervals: percentile bootstrap over runs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyarrow as pa
+from scipy import stats
+
+EVENTS = {
+    "weight_norm": "peak",
+    "llc": "peak",
+    "fourier_gini": "half-way from first to last value",
+    "circularity": "half-way from first to last value",
+    "excluded_loss": "half-way from its value at t_train to its later peak",
+}
+PREDICTORS = ("weight_norm", "dist_from_init", "fourier_gini", "top_freq_share", "n_key_freqs", "circularity",
+              "restricted_loss", "excluded_loss", "llc")
+BASELINE = "weight_norm"
+
+
+def curve_matrix(curves: pa.Table, run_ids: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps[evals], values[runs, evals]) of one curves.parquet column, rows in `run_ids` order;
+    null becomes NaN."""
+    step = curves.column("step").to_numpy()
+    steps = np.unique(step)
+    rid = curves.column("run_id").to_numpy()
+    col = curves.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    out = np.full((len(run_ids), len(steps)), np.nan)
+    row = {r: i for i, r in enumerate(run_ids)}
+    rows = np.array([row.get(r, -1) for r in rid])
+    keep = rows >= 0
+    out[rows[keep], np.searchsorted(steps, step[keep])] = col[keep]
+    return steps, out
+
+
+def _first(mask: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    return np.where(mask.any(1), steps[mask.argmax(1)], np.nan)
+
+
+def events(name: str, values: np.ndarray, steps: np.ndarray, t_train: np.ndarray) -> np.ndarray:
+    """The event step of each run (NaN where there is none), by the rule in EVENTS."""
+    finite = np.isfinite(values)
+    has = finite.any(1)
+    if EVENTS[name] == "peak":
+        peak = np.nanargmax(np.where(finite, values, -np.inf), 1)
+        return np.where(has, steps[peak], np.nan)
+    if name == "excluded_loss":
+        after = steps[None, :] >= t_train[:, None]  # NaN t_train: never
+        at_t_train = np.nanmax(np.where(steps[None, :] == t_train[:, None], values, np.nan), 1, initial=-np.inf)
+        peak = np.nanmax(np.where(after & finite, values, -np.inf), 1)
+        level = at_t_train + 0.5 * (peak - at_t_train)
+        ok = np.isfinite(level) & (peak > at_t_train)
+        return np.where(ok, _first(after & (values >= level[:, None]), steps), np.nan)
+    idx = np.arange(values.shape[1])
+    first_i = np.where(finite, idx, values.shape[1]).min(1)
+    last_i = np.where(finite, idx, -1).max(1)
+    rows = np.arange(len(values))
+    start = np.where(has, values[rows, np.minimum(first_i, values.shape[1] - 1)], np.nan)
+    final = np.where(has, values[rows, np.maximum(last_i, 0)], np.nan)
+    mid = start + 0.5 * (final - start)
+    up = final >= start
+    crossed = np.where(up[:, None], values >= mid[:, None], values <= mid[:, None]) & finite
+    return np.where(has & (final != start), _first(crossed, steps), np.nan)
+
+
+def concordance(risk: np.ndarray, time: np.ndarray, observed: np.ndarray, group: np.ndarray) -> tuple[float, int]:
+    """Harrell's C within groups: over pairs whose earlier time is an observed event (ties in time
+    count when the event is observed and the other censored), the share in which the earlier run has
+    the higher risk; ties in risk count half. Returns (C, comparable pairs); C is NaN without pairs."""
+    observed = np.asarray(observed, bool)  # the bootstrap hands every argument over as floats
+    earlier = (time[:, None] < time[None, :]) | ((time[:, None] == time[None, :]) & ~observed[None, :])
+    comparable = earlier & observed[:, None] & (group[:, None] == group[None, :])
+    np.fill_diagonal(comparable, False)
+    n = int(comparable.sum())
+    if n == 0:
+        return float("nan"), 0
+    score = (risk[:, None] > risk[None, :]) + 0.5 * (risk[:, None] == risk[None, :])
+    return float((score * comparable).sum() / n), n
+
+
+def _at(values: np.ndarray, steps: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """Each run's latest finite value at or before its moment (the LLC is estimated every few
+    evaluations); NaN if none."""
+    ok = np.isfinite(values) & (steps[None, :] <= moment[:, None])
+    last = np.where(ok, np.arange(values.shape[1]), -1).max(1)
+    return np.where(last >= 0, values[np.arange(len(values)), np.maximum(last, 0)], np.nan)
+
+
+def analyse(cols: dict, curves: pa.Table, cell: np.ndarray, k: int = 10, n_resamples: int = 999, seed: int = 0):
+    """Events, lead times and landmark concordance for every measure curves.parquet holds.
+
+    `cols`: runs.parquet columns (analyze.load_runs); `cell`: each run's cell id. Returns
+    (events rows, concordance rows, {measure: values[runs, evals]}, steps)."""
+    run_ids = cols["run_id"]
+    t_train, t_val = cols["t_train"], cols["t_val"]
+    budget = cols["steps"].astype(float)
+    grokked = ~cols["censored"]
+    present, steps = {}, None
+    for name in PREDICTORS:
+        if name in curves.column_names:
+            steps, values = curve_matrix(curves, run_ids, name)
+            if np.isfinite(values).any():
+                present[name] = values
+    event_rows = []
+    for name, values in present.items():
+        if name not in EVENTS:
+            continue
+        ev = events(name, values, steps, t_train)
+        lead = np.where(grokked, t_val - ev, budget - ev)
+        for i in np.nonzero(np.isfinite(ev))[0]:
+            event_rows.append({"run_id": int(run_ids[i]), "measure": name, "event": EVENTS[name],
+                               "event_step": int(ev[i]), "lead_time": int(lead[i]), "censored": bool(~grokked[i])})
+
+    eval_every = int(steps[1] - steps[0]) if steps is not None and len(steps) > 1 else 0
+    conc_rows = []
+    for label, offset in (("t_train", 0), (f"t_train+{k} evals", k * eval_every)):
+        moment = t_train + offset
+        at_risk = np.isfinite(t_train) & (~grokked | (t_val > moment))
+        time = np.where(grokked, t_val, budget)
+        for name, values in present.items():
+            risk = _at(values, steps, moment)
+            use = at_risk & np.isfinite(risk)
+            if use.sum() < 4:
+                continue
+            args = (risk[use], time[use], grokked[use], cell[use])
+            c, n_pairs = concordance(*args)
+            lo = hi = float("nan")
+            if n_pairs and len(np.unique(args[0])) > 1:
+                with warnings.catch_warnings(), np.errstate(all="ignore"):
+                    warnings.simplefilter("ignore")
+                    boot = stats.bootstrap(args, lambda *a: concordance(*a)[0], paired=True, vectorized=False,
+                                           n_resamples=n_resamples, method="percentile",
+                                           random_state=np.random.default_rng(seed))
+                lo, hi = float(boot.confidence_interval.low), float(boot.confidence_interval.high)
+            conc_rows.append({"measure": name, "moment": label, "c_index": c, "ci_lo": lo, "ci_hi": hi,
+                              "n_runs": int(use.sum()), "n_pairs": n_pairs, "baseline": name == BASELINE})
+    return event_rows, conc_rows, present, steps
+
+
+def lead_time_stats(event_rows: list[dict], cols: dict, keys: list[str], ids: np.ndarray, uniq: np.ndarray) -> list[dict]:
+    """Per cell and measure: Kaplan–Meier median lead time (95% interval) and quartiles, with
+    the runs that did not grok censored at budget − event."""
+    from jaxgrok.analyze import survival
+
+    position = {int(r): i for i, r in enumerate(cols["run_id"])}
+    out = []
+    for name in dict.fromkeys(r["measure"] for r in event_rows):
+        rows = [r for r in event_rows if r["measure"] == name]
+        at = np.array([position[r["run_id"]] for r in rows])
+        lead = np.array([r["lead_time"] for r in rows], float)
+        observed = ~np.array([r["censored"] for r in rows])
+        for c in range(len(uniq)):
+            m = ids[at] == c
+            if not m.any():
+                continue
+            row = {"measure": name, "event": EVENTS[name]}
+            row |= {key: uniq[c][i].item() for i, key in enumerate(keys)}
+            row |= {"n_runs": int(m.sum()), "n_grokked": int(observed[m].sum())}
+            s = survival(lead[m], observed[m], lead[m]) if observed[m].any() else None
+            for stat in ("median", "median_lo", "median_hi", "q25", "q75"):
+                row[f"lead_{stat}"] = None if s is None else s[stat]
+            out.append(row)
+    return out
+
+
+EVENTS_SCHEMA = pa.schema([("run_id", pa.int32()), ("measure", pa.string()), ("event", pa.string()),
+                           ("event_step", pa.int64()), ("lead_time", pa.int64()), ("censored", pa.bool_())])
+CONCORDANCE_SCHEMA = pa.schema([("measure", pa.string()), ("moment", pa.string()), ("c_index", pa.float64()),
+                                ("ci_lo", pa.float64()), ("ci_hi", pa.float64()), ("n_runs", pa.int64()),
+                                ("n_pairs", pa.int64()), ("baseline", pa.bool_())])
+
+
+def embedding_snapshots(resolved: dict, cols: dict, n_moments: int = 5):
+    """The embedding of one typical grokked run (median t_val of the grokked runs) at a few
+    moments: initialization, t_train, half-way to t_val, t_val, and 2·t_val (within the budget),
+    retrained from the sweep in the metadata. Returns (run_id, {step: embedding[p, D]}, {step: what
+    the moment is}), or None when no run grokked or the task has no residues."""
+    from jaxgrok import engine, models, tasks
+    from jaxgrok.sweep import sweep_from_dict
+
+    grokked = np.nonzero(~cols["censored"] & np.isfinite(cols["t_train"]))[0]
+    if not len(grokked) or resolved["task"]["op"] not in tasks.MODULAR_OPS:
+        return None
+    t_val = cols["t_val"][grokked]
+    i = grokked[np.argsort(t_val, kind="stable")[len(t_val) // 2]]
+    sweep = sweep_from_dict(resolved, "<metadata>")
+    every = sweep.static.train.eval_every
+    t_train, t_v, budget = int(cols["t_train"][i]), int(cols["t_val"][i]), int(cols["steps"][i])
+    half = (t_train + t_v) // 2 // every * every
+    labels = {min(budget, 2 * t_v): "2·t_val", t_v: "t_val", half: "half-way", t_train: "t_train", 0: "init"}
+    moments = sorted(labels)[:n_moments]
+    params = engine.params_at(sweep, int(cols["run_id"][i]), moments)
+    table = tasks.make_table(sweep.static.task)
+    model = models.build(sweep.static.model, table.n_symbols, table.n_classes)
+    return int(cols["run_id"][i]), {s: np.asarray(model.embedding(p)) for s, p in params.items()}, labels
