@@ -230,6 +230,7 @@ def _warning_html(warn: dict | None, keys) -> str:
     conc = "".join(
         ("<tr style='background:#eee'>" if r["baseline"] else "<tr>") + f"<td>{html.escape(r['measure'])}"
         f"{' (baseline)' if r['baseline'] else ''}</td><td>{html.escape(r['moment'])}</td><td>{r['c_index']:.2f}</td>"
+        f"<td>{'higher' if r['c_index'] > 0.5 else 'lower' if r['c_index'] < 0.5 else 'neither'} → earlier</td>"
         f"<td>{r['ci_lo']:.2f}–{r['ci_hi']:.2f}</td><td>{r['n_runs']}</td><td>{r['n_pairs']:,}</td></tr>"
         for r in sorted(warn["concordance"], key=lambda r: (r["moment"], -abs(r["c_index"] - 0.5))))
     return f"""<h2>Early warning: the progress measures</h2>
@@ -243,7 +244,7 @@ memorised and not yet grokked, Harrell's C is the share of comparable pairs (sam
 in which the run with the <i>higher</i> value grokked first: 0.5 is no information, 1 perfect, below 0.5 the
 measure ranks the other way (a lower value means earlier grokking). Intervals: percentile bootstrap over runs.
 Weight norm alone is the baseline. (concordance.parquet)</p>
-<table><tr><th>measure</th><th>read at</th><th>C</th><th>95% CI</th><th>runs</th><th>pairs</th></tr>{conc}</table>"""
+<table><tr><th>measure</th><th>read at</th><th>C</th><th>ranks as</th><th>95% CI</th><th>runs</th><th>pairs</th></tr>{conc}</table>"""
 
 
 def write(results_dir: Path, cols, resolved, rows, keys, sens_rows, notes, curves, x, y, warn=None) -> dict[str, Path]:

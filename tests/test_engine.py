@@ -101,5 +101,5 @@ def test_a_small_configuration_truly_groks(tiny_sweep):
 def test_no_warm_up_trains_at_the_full_learning_rate(tiny_sweep):
     """warmup_steps = 0 once meant optax's linear schedule over 0 steps: a learning rate of 0 forever."""
     result = engine.train_sweep(tiny_sweep(train={"steps": 100, "eval_every": 50, "warmup_steps": 0}))
-    loss = result.curves["train_loss"]
-    assert (loss[:, -1] < 0.5 * loss[:, 0]).all()
+    # Untrained, the loss is above ln 31 ≈ 3.4; 50 steps at lr 1e-2 memorise most of the training set.
+    assert (result.curves["train_loss"][:, 0] < 1.0).all() and (result.curves["train_acc"][:, 0] > 0.9).all()
