@@ -119,12 +119,12 @@ class MeasuresConfig:
     # The local learning coefficient by SGLD (Lau et al. 2025; devinterp). Off unless asked: it
     # costs chains × (burn_in + draws) minibatch gradient steps per estimate.
     llc: bool = False
-    llc_every: int = field(default=10, metadata=_check(lambda v: v >= 1, "must be ≥ 1 (evaluations between estimates)"))
+    llc_every: int = field(default=30, metadata=_check(lambda v: v >= 1, "must be ≥ 1 (evaluations between estimates)"))
     llc_epsilon: float = field(default=3e-3, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
     llc_gamma: float = field(default=5.0, metadata=_check(lambda v: v >= 0, "must be ≥ 0"))
     llc_nbeta: float = field(default=2.0, metadata=_check(lambda v: v > 0, "must be > 0"))
     llc_chains: int = field(default=4, metadata=_check(lambda v: 1 <= v <= 64, "must be 1 to 64"))
-    llc_draws: int = field(default=100, metadata=_check(lambda v: 1 <= v <= 100_000, "must be 1 to 100000"))
+    llc_draws: int = field(default=50, metadata=_check(lambda v: 1 <= v <= 100_000, "must be 1 to 100000"))
     llc_burn_in: int = field(default=0, metadata=_check(lambda v: 0 <= v <= 100_000, "must be 0 to 100000"))
     llc_batch_size: int = field(default=128, metadata=_check(lambda v: v >= 0, "must be ≥ 0 (0 = the whole training set)"))
 

@@ -141,7 +141,10 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         return state._replace(params=params, opt_state=opt_state, key=key, diverged=diverged)
 
-    measure = measures.build(static, model, table, per_example_loss)
+    devices = list(devices if devices is not None else jax.devices())
+    if vectorize is None:
+        vectorize = devices[0].platform != "cpu"
+    measure = measures.build(static, model, table, per_example_loss, vectorize)
     m_cfg = static.measures
     # The LLC's minibatches: its own size, or the whole training set when that is smaller.
     llc_batch = m_cfg.llc_batch_size if m_cfg.llc_batch_size < static.n_train_min else 0
@@ -177,11 +180,8 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
 
         return jax.lax.scan(block, state, first_eval + jnp.arange(n_evals, dtype=jnp.int32))
 
-    devices = list(devices if devices is not None else jax.devices())
     mesh = Mesh(np.asarray(devices), ("runs",))
     runs = NamedSharding(mesh, P("runs"))
-    if vectorize is None:
-        vectorize = devices[0].platform != "cpu"
     if vectorize:  # accelerators: all of a device's runs in one wide kernel
         per_device = jax.vmap(chunk_run, in_axes=(0, 0, None))
     else:

@@ -199,3 +199,13 @@ def test_bad_measures_get_one_line(tiny_sweep, key, value, problem):
 
 def test_the_parquet_columns_are_the_measures():
     assert tuple(results.MEASURE_COLUMNS) == COLUMNS
+
+
+def test_the_llc_on_the_vmapped_accelerator_path(tiny_sweep):
+    """Runs and chains vmapped (the accelerator path), checked on CPU against one run at a time:
+    batched kernels round differently in the last bit, so the comparison is approximate."""
+    sweep = tiny_sweep(train={"steps": 20, "eval_every": 10}, measures={"llc": True, "llc_every": 1, "llc_draws": 5})
+    mapped = engine.train_sweep(sweep)
+    vmapped = engine.train_sweep(sweep, vectorize=True)
+    for name in COLUMNS:
+        np.testing.assert_allclose(vmapped.curves[name], mapped.curves[name], rtol=2e-3, atol=1e-4, err_msg=name)

@@ -41,9 +41,10 @@ def n_frequencies(static, n_symbols: int) -> int:
     return n_symbols // 2 if (m.fourier or m.circularity or m.restricted_loss) else 0
 
 
-def build(static, model, table, loss: Callable) -> Callable:
+def build(static, model, table, loss: Callable, vectorize: bool = True) -> Callable:
     """`measure(inputs) -> (float32[len(COLUMNS)], energies float32[K])` for a sweep's static config.
-    `loss(logits, targets) -> per-example loss` is the sweep's training loss."""
+    `loss(logits, targets) -> per-example loss` is the sweep's training loss; `vectorize`: whether
+    the runs are vmapped (then the LLC's chains are too)."""
     m = static.measures
     K = n_frequencies(static, table.n_symbols)
     basis = jnp.asarray(fourier.basis(table.n_symbols)) if K else None
@@ -75,7 +76,7 @@ def build(static, model, table, loss: Callable) -> Callable:
                 due,
                 lambda: llc.estimate(x.batch_loss, x.params, x.train_loss, x.key, epsilon=m.llc_epsilon,
                                      gamma=m.llc_gamma, nbeta=m.llc_nbeta, chains=m.llc_chains,
-                                     draws=m.llc_draws, burn_in=m.llc_burn_in),
+                                     draws=m.llc_draws, burn_in=m.llc_burn_in, vectorize=vectorize),
                 # NaN shaped like a per-run value (inside shard_map it must vary over runs too).
                 lambda: (jnp.full_like(x.train_loss, jnp.nan), jnp.full_like(x.train_loss, jnp.nan)))
         return jnp.stack([jnp.asarray(out[c], jnp.float32) for c in COLUMNS]), energy

@@ -18,12 +18,13 @@ import jax.numpy as jnp
 
 
 def estimate(batch_loss: Callable, params, loss_at_params, key, *, epsilon: float, gamma: float, nbeta: float,
-             chains: int, draws: int, burn_in: int) -> tuple[jax.Array, jax.Array]:
+             chains: int, draws: int, burn_in: int, vectorize: bool = True) -> tuple[jax.Array, jax.Array]:
     """(λ̂ averaged over chains, its standard deviation over chains; NaN with one chain).
 
     `batch_loss(params, key) -> scalar`: the loss on a minibatch drawn with `key` (or the full
-    training loss, ignoring it); `loss_at_params`: L(w*). Chains are vmapped: under a vmap over runs
-    the whole sampler is one batched program."""
+    training loss, ignoring it); `loss_at_params`: L(w*). Chains are vmapped (`vectorize`: under
+    a vmap over runs the whole sampler is one batched program) or run one after another (CPU, where
+    unbatched kernels are faster, as for the runs themselves)."""
 
     def chain(key):
         def step(w, key):
@@ -39,6 +40,7 @@ def estimate(batch_loss: Callable, params, loss_at_params, key, *, epsilon: floa
         _, losses = jax.lax.scan(step, params, jax.random.split(key, burn_in + draws))
         return losses[burn_in:].mean()
 
-    llcs = nbeta * (jax.vmap(chain)(jax.random.split(key, chains)) - loss_at_params)
+    keys = jax.random.split(key, chains)
+    llcs = nbeta * ((jax.vmap(chain)(keys) if vectorize else jax.lax.map(chain, keys)) - loss_at_params)
     std = llcs.std(ddof=1) if chains > 1 else jnp.float32(jnp.nan)
     return llcs.mean(), std
