@@ -215,7 +215,7 @@ def circle_forming(run_id: int, snapshots: dict, labels: dict, folder: Path) -> 
 
 
 def _fmt(v, digits=0):
-    return "not reached" if v is None else f"{v:,.{digits}f}"
+    return "not reached" if v is None else f"{v:,.{digits}f}".replace("-", "−")
 
 
 def _warning_html(warn: dict | None, keys) -> str:
@@ -225,8 +225,8 @@ def _warning_html(warn: dict | None, keys) -> str:
         f"<tr><td>{html.escape(r['measure'])}</td><td style='text-align:left'>{html.escape(r['event'])}</td>"
         + "".join(f"<td>{r[k]:g}</td>" for k in keys)
         + f"<td>{r['n_runs']}</td><td>{r['n_grokked']}</td><td>{_fmt(r['lead_median'])} "
-        f"({_fmt(r['lead_median_lo'])}–{_fmt(r['lead_median_hi'])})</td>"
-        f"<td>{_fmt(r['lead_q25'])} – {_fmt(r['lead_q75'])}</td></tr>" for r in warn["lead_times"])
+        f"({_fmt(r['lead_median_lo'])} to {_fmt(r['lead_median_hi'])})</td>"
+        f"<td>{_fmt(r['lead_q25'])} to {_fmt(r['lead_q75'])}</td></tr>" for r in warn["lead_times"])
     conc = "".join(
         ("<tr style='background:#eee'>" if r["baseline"] else "<tr>") + f"<td>{html.escape(r['measure'])}"
         f"{' (baseline)' if r['baseline'] else ''}</td><td>{html.escape(r['moment'])}</td><td>{r['c_index']:.2f}</td>"
@@ -234,8 +234,10 @@ def _warning_html(warn: dict | None, keys) -> str:
         f"<td>{r['ci_lo']:.2f}–{r['ci_hi']:.2f}</td><td>{r['n_runs']}</td><td>{r['n_pairs']:,}</td></tr>"
         for r in sorted(warn["concordance"], key=lambda r: (r["moment"], -abs(r["c_index"] - 0.5))))
     return f"""<h2>Early warning: the progress measures</h2>
-<p>Each run's <i>event</i> is when a measure moves (rule in the table); its <i>lead time</i> is t_val − event,
-positive when the measure moves before grokking. Runs that did not grok are censored at budget − event
+<p>Each run's <i>event</i> is when a measure moves: the peak of the weight norm and of the LLC; the first
+step at which the Fourier Gini or the circularity has gone half-way from its first to its last value; the
+first step after t_train at which the excluded loss has risen half-way from its value at t_train to its later
+peak. Its <i>lead time</i> is t_val − event, positive when the measure moves before grokking. Runs that did not grok are censored at budget − event
 (Kaplan–Meier, as for t_val). Per run: events.parquet; per cell: lead_times.parquet.</p>
 <table><tr><th>measure</th><th>event</th>{"".join(f"<th>{html.escape(k)}</th>" for k in keys)}<th>runs with an event</th>
 <th>grokked</th><th>median lead time (95% CI)</th><th>interquartile range</th></tr>{lead}</table>

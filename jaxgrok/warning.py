@@ -26,12 +26,12 @@ import numpy as np
 import pyarrow as pa
 from scipy import stats
 
-EVENTS = {
+EVENTS = {  # the rule of each measure's event, in a few words (the module docstring says it whole)
     "weight_norm": "peak",
     "llc": "peak",
-    "fourier_gini": "half-way from first to last value",
-    "circularity": "half-way from first to last value",
-    "excluded_loss": "half-way from its value at t_train to its later peak",
+    "fourier_gini": "half-way, first → last",
+    "circularity": "half-way, first → last",
+    "excluded_loss": "half-way up from t_train",
 }
 PREDICTORS = ("weight_norm", "dist_from_init", "fourier_gini", "top_freq_share", "n_key_freqs", "circularity",
               "restricted_loss", "excluded_loss", "llc")
@@ -64,7 +64,7 @@ def events(name: str, values: np.ndarray, steps: np.ndarray, t_train: np.ndarray
     if EVENTS[name] == "peak":
         peak = np.nanargmax(np.where(finite, values, -np.inf), 1)
         return np.where(has, steps[peak], np.nan)
-    if name == "excluded_loss":
+    if EVENTS[name] == "half-way up from t_train":
         after = steps[None, :] >= t_train[:, None]  # NaN t_train: never
         at_t_train = np.nanmax(np.where(steps[None, :] == t_train[:, None], values, np.nan), 1, initial=-np.inf)
         peak = np.nanmax(np.where(after & finite, values, -np.inf), 1)
