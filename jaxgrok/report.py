@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -163,8 +164,8 @@ def aligned_measures(present: dict, steps: np.ndarray, cols, ids, uniq, keys, fo
             grid[np.arange(len(runs))[:, None], shift] = _fill_gaps(present[name][runs])
             # Offsets reached by few runs (the longest waits) would draw noise as structure.
             enough = np.isfinite(grid).sum(0) >= min(len(runs), max(3, len(runs) // 4))
-            with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
-                __import__("warnings").simplefilter("ignore")
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # all-NaN columns outside `enough` are not drawn
                 q = np.nanpercentile(grid[:, enough], [25, 50, 75], axis=0)
             if not enough.any():
                 continue
