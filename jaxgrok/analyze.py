@@ -124,8 +124,13 @@ def cell_stats(cols: dict, keys: list[str]) -> list[dict]:
     return rows
 
 
+def key_fields(keys: list[str]) -> list[pa.Field]:
+    """Parquet fields of the swept values that name a cell."""
+    return [pa.field(k, pa.int64() if k in SEED_AXES else pa.float64()) for k in keys]
+
+
 def stats_table(rows: list[dict], keys: list[str], resolved: dict) -> pa.Table:
-    fields = [pa.field(k, pa.int64() if k in SEED_AXES else pa.float64()) for k in keys]
+    fields = key_fields(keys)
     fields += [pa.field("n_runs", pa.int64()), pa.field("n_grokked", pa.int64()), pa.field("phase", pa.string())]
     fields += [pa.field(k, pa.float64()) for k in rows[0] if k not in {f.name for f in fields} and not k.startswith("_")]
     schema = pa.schema(fields).with_metadata(results.metadata("stats", resolved))
@@ -259,7 +264,7 @@ def early_warning(cols: dict, curves: pa.Table, resolved: dict, keys: list[str])
     event_rows, conc_rows, present, steps = warning.analyse(cols, curves, ids)
     lead_rows = warning.lead_time_stats(event_rows, cols, keys, ids, uniq)
     fields = [pa.field("measure", pa.string()), pa.field("event", pa.string())]
-    fields += [pa.field(k, pa.int64() if k in SEED_AXES else pa.float64()) for k in keys]
+    fields += key_fields(keys)
     fields += [pa.field("n_runs", pa.int64()), pa.field("n_grokked", pa.int64())]
     fields += [pa.field(f"lead_{s}", pa.float64()) for s in ("median", "median_lo", "median_hi", "q25", "q75")]
     meta = lambda kind: results.metadata(kind, resolved)  # noqa: E731

@@ -193,13 +193,12 @@ def circle_forming(run_id: int, snapshots: dict, labels: dict, folder: Path) -> 
     """One run's embedding at a few moments (`labels`: step -> what the moment is), projected on
     the plane of its final top frequency k: the residues arrange on a circle as the run groks, each
     t at the angle of k·t mod p (the colour), as a clock at frequency k places it."""
-    from jaxgrok.measures.fourier import basis
+    from jaxgrok.measures import fourier
 
     steps = sorted(snapshots)
     last = snapshots[steps[-1]]
     p = last.shape[0]
-    fourier = basis(p)
-    coef = np.einsum("kjt,td->kjd", fourier, last - last.mean(0))
+    coef = np.asarray(fourier.coefficients(last - last.mean(0), fourier.basis(p)))
     k = int(((coef**2).sum((1, 2))).argmax())
     plane = np.linalg.qr(coef[k].T)[0]  # [D, 2]: orthonormal, spanned by the cos and sin components
     fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.4))

@@ -85,17 +85,12 @@ def metadata(kind: str, resolved: dict) -> dict[bytes, bytes]:
     }
 
 
-def _measure_column(x: np.ndarray, typ) -> pa.Array:
+def _nullable(x: np.ndarray, typ) -> pa.Array:
+    """A float array as a column of `typ` with null where it is not finite (never reached, not
+    measured): a missing value is never written as a number."""
     x = np.asarray(x, np.float64)
-    missing = ~np.isfinite(x)
-    values = np.nan_to_num(x, nan=0, posinf=0, neginf=0)
-    return pa.array(values.astype(np.int32) if pa.types.is_integer(typ) else values.astype(np.float32), typ,
-                    mask=missing)
-
-
-def _nullable_int(x: np.ndarray) -> pa.Array:
-    x = np.asarray(x, np.float64)
-    return pa.array(np.nan_to_num(x, nan=0).astype(np.int64), pa.int64(), mask=np.isnan(x))
+    values = np.nan_to_num(x, nan=0, posinf=0, neginf=0).astype(typ.to_pandas_dtype())
+    return pa.array(values, typ, mask=~np.isfinite(x))
 
 
 def runs_table(sweep, index, outcomes, finals, key_freqs=None) -> pa.Table:
@@ -107,9 +102,9 @@ def runs_table(sweep, index, outcomes, finals, key_freqs=None) -> pa.Table:
         **{a: pa.array(sweep.runs[a][index], RUNS_SCHEMA.field(a).type) for a in AXES},
         "n_train": pa.array(sweep.n_train[index], pa.int32()),
         "steps": pa.array(np.full(len(index), sweep.static.train.steps), pa.int64()),
-        "t_train": _nullable_int(outcomes["t_train"]),
-        "t_val": _nullable_int(outcomes["t_val"]),
-        "delay": _nullable_int(outcomes["delay"]),
+        "t_train": _nullable(outcomes["t_train"], pa.int64()),
+        "t_val": _nullable(outcomes["t_val"], pa.int64()),
+        "delay": _nullable(outcomes["delay"], pa.int64()),
         "censored": pa.array(outcomes["censored"], pa.bool_()),
         "phase": pa.array(outcomes["phase"].astype(str), pa.string()),
         "diverged": pa.array(outcomes["diverged"], pa.bool_()),
@@ -129,7 +124,7 @@ def curves_table(index, steps, curves: dict[str, np.ndarray], resolved, run_hash
         "step": pa.array(np.tile(np.asarray(steps, np.int64), n_runs), pa.int64()),
         **{m: pa.array(curves[m].reshape(-1), pa.float32()) for m in CURVES_SCHEMA.names[2:7]},
         # A measure that was not taken is NaN in the program and null here.
-        **{m: _measure_column(curves[m].reshape(-1), CURVES_SCHEMA.field(m).type) for m in MEASURE_COLUMNS},
+        **{m: _nullable(curves[m].reshape(-1), CURVES_SCHEMA.field(m).type) for m in MEASURE_COLUMNS},
     }
     schema = CURVES_SCHEMA
     if run_hashes is not None:

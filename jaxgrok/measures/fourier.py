@@ -24,10 +24,14 @@ def basis(p: int) -> np.ndarray:
     return np.asarray(rows, np.float32).reshape(-1, 2, p)
 
 
+def coefficients(embedding: jax.Array, fourier: jax.Array) -> jax.Array:
+    """float32[K, 2, D]: the cos and sin components of each frequency of E[p, D]."""
+    return jnp.einsum("kjt,td->kjd", fourier, embedding, precision="highest")
+
+
 def energies(embedding: jax.Array, fourier: jax.Array) -> jax.Array:
     """float32[K]: the squared norm of each frequency's cos and sin components of E[p, D]."""
-    coef = jnp.einsum("kjt,td->kjd", fourier, embedding, precision="highest")
-    return (coef**2).sum((1, 2))
+    return (coefficients(embedding, fourier) ** 2).sum((1, 2))
 
 
 def gini(x: jax.Array) -> jax.Array:
