@@ -16,7 +16,7 @@ import pyarrow as pa
 from scipy import stats
 
 from jaxgrok import results
-from jaxgrok.sweep import AXES, SEED_AXES
+from jaxgrok.sweep import AXES, SEED_AXES, varying
 
 HYPERPARAMETERS = tuple(a for a in AXES if a not in SEED_AXES)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -34,7 +34,7 @@ def load_runs(results_dir: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def swept_axes(cols) -> list[str]:
-    return [a for a in AXES if len(np.unique(cols[a])) > 1]
+    return varying(cols)
 
 
 def cell_axes(cols) -> list[str]:

@@ -23,10 +23,15 @@ RUNS_SCHEMA = pa.schema([
     ("run_hash", pa.string()),
     ("seed", pa.int64()),
     ("data_seed", pa.int64()),
+    ("batch_seed", pa.int64()),
+    ("noise_seed", pa.int64()),
     ("weight_decay", pa.float64()),
     ("learning_rate", pa.float64()),
     ("init_scale", pa.float64()),
+    ("init_noise", pa.float64()),
     ("train_fraction", pa.float64()),
+    ("grokfast_lambda", pa.float64()),
+    ("grokfast_alpha", pa.float64()),
     ("n_train", pa.int32()),
     ("steps", pa.int64()),
     ("t_train", pa.int64()),  # null: never memorised
@@ -91,6 +96,20 @@ def _nullable(x: np.ndarray, typ) -> pa.Array:
     x = np.asarray(x, np.float64)
     values = np.nan_to_num(x, nan=0, posinf=0, neginf=0).astype(typ.to_pandas_dtype())
     return pa.array(values, typ, mask=~np.isfinite(x))
+
+
+def upgrade_runs(table: pa.Table) -> pa.Table:
+    """A runs table written before the later axes existed, with them at the values its runs had:
+    their defaults, and the minibatch order of the model seed. Such runs keep their run hash."""
+    from jaxgrok.sweep import LATER_AXES
+
+    n = table.num_rows
+    if "batch_seed" not in table.column_names:
+        table = table.append_column("batch_seed", table.column("seed"))
+    for axis, default in LATER_AXES.items():
+        if axis not in table.column_names:
+            table = table.append_column(axis, pa.array(np.full(n, default), RUNS_SCHEMA.field(axis).type))
+    return table.select(RUNS_SCHEMA.names)
 
 
 def runs_table(sweep, index, outcomes, finals, key_freqs=None) -> pa.Table:

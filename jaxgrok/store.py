@@ -148,7 +148,7 @@ class Store:
         """Write DIR/runs.parquet and DIR/curves.parquet from the parts, for the runs of the current
         sweep, with run_id = position in it. Returns the number of runs merged."""
         position = {h: i for i, h in enumerate(self.hashes)}
-        runs = [pq.read_table(p) for p in sorted(self.parts.glob("runs-*.parquet"))]
+        runs = [results.upgrade_runs(pq.read_table(p)) for p in sorted(self.parts.glob("runs-*.parquet"))]
         curves = [pq.read_table(p) for p in sorted(self.parts.glob("curves-*.parquet"))]
         runs_t = pa.concat_tables([t.replace_schema_metadata(None) for t in runs])
         curves_t = pa.concat_tables([t.replace_schema_metadata(None) for t in curves])

@@ -2,9 +2,10 @@
 
 A sweep file has six tables. `[task]`, `[model]`, `[train]`, `[grokking]` and `[measures]` fix
 everything that decides the compiled program (shapes, depth, step budget); `[sweep]` lists the values of the axes
-that vary *inside* that one program: model seed, data seed, weight decay, learning rate,
-initialization scale and train fraction. The runs are the product of the axes; axes named together
-in `zip` vary together instead.
+that vary *inside* that one program: four seeds (initialization, data split, minibatch order, and the
+direction of an initialization perturbation), weight decay, learning rate, initialization scale and
+perturbation size, train fraction, and Grokfast's filter. The runs are the product of the axes; axes
+named together in `zip` vary together instead.
 """
 
 from __future__ import annotations
@@ -24,10 +25,18 @@ import numpy as np
 from jaxgrok import tasks
 
 # The axes that vary inside one compiled program, in the order runs are enumerated (last fastest).
-AXES = ("train_fraction", "init_scale", "learning_rate", "weight_decay", "data_seed", "seed")
-SEED_AXES = ("seed", "data_seed")
+AXES = ("grokfast_alpha", "grokfast_lambda", "train_fraction", "init_scale", "learning_rate", "weight_decay",
+        "init_noise", "data_seed", "batch_seed", "noise_seed", "seed")
+# The sources of randomness: seed draws the initialization, data_seed the train/validation split,
+# batch_seed the minibatch order (by default the model seed's, as before it was an axis), and
+# noise_seed the direction of the initialization perturbation of size init_noise.
+SEED_AXES = ("seed", "data_seed", "batch_seed", "noise_seed")
 REQUIRED_AXES = ("learning_rate", "weight_decay", "train_fraction")  # papers disagree: say them
 AXIS_DEFAULTS = {"seed": 0, "data_seed": 0, "init_scale": 1.0}
+# Axes added after the first results were written. At their default they are left out of the run
+# hash, so that runs which do not use them keep the hash (and the stored results) they had.
+LATER_AXES = {"init_noise": 0.0, "noise_seed": 0, "grokfast_lambda": 0.0, "grokfast_alpha": 0.98}
+AXIS_DEFAULTS |= LATER_AXES
 
 
 class SweepError(ValueError):
@@ -140,6 +149,7 @@ class Static:
     measures: MeasuresConfig
     n_train_min: int  # smallest training set in the sweep
     n_train_max: int  # largest training set in the sweep: the static length of the train gather
+    grokfast: bool = False  # some run filters its gradients (grokfast_lambda > 0)
 
     @property
     def loss(self) -> str:
@@ -165,7 +175,7 @@ class Sweep:
     @property
     def swept(self) -> list[str]:
         """Axes that take more than one value, seeds included."""
-        return [a for a in AXES if len(np.unique(self.runs[a])) > 1]
+        return varying(self.runs)
 
     @functools.cached_property
     def n_train(self) -> np.ndarray:
@@ -183,9 +193,30 @@ class Sweep:
         out = []
         for i in range(self.n_runs):
             hp = {a: self.runs[a][i].item() for a in AXES}
+            for a, default in LATER_AXES.items():  # at their default, as before they existed
+                if hp[a] == default:
+                    del hp[a]
+            if hp["batch_seed"] == hp["seed"]:
+                del hp["batch_seed"]
+            # A full batch is padded to the sweep's largest training set, and the padded length
+            # changes how its sums round: a run padded past its own pairs is a different computation.
+            if not self.static.train.batch_size and self.n_train[i] < self.static.n_train_max:
+                hp["padded_to"] = self.static.n_train_max
+            # Likewise a program with a Grokfast filter in it: with λ = 0 the optimizer gets the same
+            # gradients, but XLA fuses its arithmetic differently and the last bits differ.
+            if self.static.grokfast:
+                hp["grokfast_program"] = True
             blob = static + json.dumps(hp, sort_keys=True)
             out.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
         return out
+
+
+def varying(runs: dict[str, np.ndarray]) -> list[str]:
+    """The axes that take more than one value; batch_seed only where it is not the model seed's."""
+    out = [a for a in AXES if len(np.unique(runs[a])) > 1]
+    if "batch_seed" in out and np.array_equal(runs["batch_seed"], runs["seed"]):
+        out.remove("batch_seed")
+    return out
 
 
 def n_train(train_fraction, n_pairs: int) -> np.ndarray:
@@ -246,15 +277,19 @@ def _axis_values(name, value, where) -> list:
         raise SweepError(f"{where}: empty axis")
     typ = int if name in SEED_AXES else float
     values = [_coerce(v, typ, where) for v in values]
+    seed_range = (lambda v: 0 <= v < 2**31, "must be in [0, 2³¹)")
     bad = {
         "weight_decay": (lambda v: v >= 0, "must be ≥ 0"),
         "learning_rate": (lambda v: v > 0, "must be > 0"),
         "init_scale": (lambda v: v > 0, "must be > 0"),
+        "init_noise": (lambda v: v >= 0, "must be ≥ 0"),
         "train_fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
-        "seed": (lambda v: 0 <= v < 2**31, "must be in [0, 2³¹)"),
-        "data_seed": (lambda v: 0 <= v < 2**31, "must be in [0, 2³¹)"),
-    }[name]
+        "grokfast_lambda": (lambda v: v >= 0, "must be ≥ 0 (0 = no filter)"),
+        "grokfast_alpha": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    }.get(name, seed_range)
     for v in values:
+        if typ is float and not np.isfinite(v):
+            raise SweepError(f"{where}: must be finite, got {v!r}")
         if not bad[0](v):
             raise SweepError(f"{where}: {bad[1]}, got {v!r}")
     return values
@@ -273,7 +308,8 @@ def _expand(table: dict, where: str) -> dict[str, np.ndarray]:
     for axis in REQUIRED_AXES:
         if axis not in table:
             raise SweepError(f"{where}.{axis}: missing required key")
-    values = {a: _axis_values(a, table.get(a, AXIS_DEFAULTS.get(a)), f"{where}.{a}") for a in AXES}
+    # Without its own axis the minibatch order follows the model seed (as before batch_seed existed).
+    values = {a: _axis_values(a, table.get(a, AXIS_DEFAULTS.get(a, 0)), f"{where}.{a}") for a in AXES}
 
     groups: list[tuple[str, ...]] = []
     zipped: set[str] = set()
@@ -297,7 +333,10 @@ def _expand(table: dict, where: str) -> dict[str, np.ndarray]:
         for g, vals in zip(groups, combo):
             for a, v in zip(g, vals):
                 cols[a].append(v)
-    return {a: np.asarray(cols[a], dtype=np.int64 if a in SEED_AXES else np.float64) for a in AXES}
+    out = {a: np.asarray(cols[a], dtype=np.int64 if a in SEED_AXES else np.float64) for a in AXES}
+    if "batch_seed" not in table:
+        out["batch_seed"] = out["seed"].copy()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +457,8 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
     if train.batch_size and train.batch_size > sizes.min():
         raise SweepError(f"{where}: train.batch_size: larger than the smallest training set ({sizes.min()} pairs)")
 
-    static = Static(task, model, train, grokking, measures, n_train_min=int(sizes.min()), n_train_max=int(sizes.max()))
+    static = Static(task, model, train, grokking, measures, n_train_min=int(sizes.min()), n_train_max=int(sizes.max()),
+                    grokfast=bool((runs["grokfast_lambda"] > 0).any()))
     resolved = {
         "name": raw.get("name", default_name),
         "paper": raw["paper"],

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxgrok import measures, models, tasks
+from jaxgrok import grokfast, measures, models, tasks
 from jaxgrok.sweep import Static, Sweep
 
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")
@@ -29,14 +29,22 @@ METRICS = CURVES + measures.COLUMNS  # one row of a chunk's metrics per evaluati
 TRACES: collections.Counter = collections.Counter()  # trace counts, for the no-recompile test
 
 
+NOISE_STREAM = 0x6E6F6973  # folded into noise_seed's key: its draws are independent of any model seed's
+
+
 class Hparams(NamedTuple):
     """The swept values of each run; every field has a leading run axis."""
 
-    seed: jax.Array  # int32: model initialization (and minibatch order)
+    seed: jax.Array  # int32: model initialization
     data_seed: jax.Array  # int32: the train/validation split
+    batch_seed: jax.Array  # int32: the minibatch order
+    noise_seed: jax.Array  # int32: the direction of the initialization perturbation
     learning_rate: jax.Array
     weight_decay: jax.Array
     init_scale: jax.Array  # α: every initial weight is multiplied by it (Omnigrok)
+    init_noise: jax.Array  # ε: the perturbation, relative to the initializer's own scale
+    grokfast_lambda: jax.Array  # Grokfast's amplification of the slow gradient (0: no filter)
+    grokfast_alpha: jax.Array  # Grokfast's EMA momentum
     n_train: jax.Array  # int32: training pairs, round(train_fraction · N), counted on the host
 
 
@@ -63,14 +71,9 @@ class Program(NamedTuple):
 def hparams_for(sweep: Sweep, index: np.ndarray) -> Hparams:
     """The host-side Hparams of the runs `index` of a sweep."""
     r = sweep.runs
-    return Hparams(
-        seed=r["seed"][index].astype(np.int32),
-        data_seed=r["data_seed"][index].astype(np.int32),
-        learning_rate=r["learning_rate"][index].astype(np.float32),
-        weight_decay=r["weight_decay"][index].astype(np.float32),
-        init_scale=r["init_scale"][index].astype(np.float32),
-        n_train=sweep.n_train[index].astype(np.int32),
-    )
+    ints = ("seed", "data_seed", "batch_seed", "noise_seed")
+    return Hparams(**{f: r[f][index].astype(np.int32 if f in ints else np.float32) for f in Hparams._fields
+                      if f != "n_train"}, n_train=sweep.n_train[index].astype(np.int32))
 
 
 def evals_per_chunk(static: Static) -> int:
@@ -102,36 +105,48 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
         # must mean the full learning rate from the first step.
         schedule = optax.linear_schedule(0.0, hp.learning_rate, cfg.warmup_steps) if cfg.warmup_steps else hp.learning_rate
         if cfg.optimizer == "adam":  # torch.optim.Adam(weight_decay=...): L2 in the gradient
-            return optax.chain(optax.add_decayed_weights(hp.weight_decay),
-                               optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2))
-        return optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=hp.weight_decay)
+            opt = optax.chain(optax.add_decayed_weights(hp.weight_decay),
+                              optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2))
+        else:
+            opt = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=hp.weight_decay)
+        # Grokfast filters the loss gradient before the optimizer sees it (as in its torch code, where
+        # the filter rewrites p.grad before optimizer.step). In the program only when a run uses it.
+        return optax.chain(grokfast.ema(hp.grokfast_alpha, hp.grokfast_lambda), opt) if static.grokfast else opt
 
     n_freqs = measures.n_frequencies(static, table.n_symbols)
 
     def init_run(hp: Hparams) -> RunState:
-        k_init, k_batch = jax.random.split(jax.random.key(hp.seed))
-        params = jax.tree.map(lambda w: w * hp.init_scale, model.init(k_init))
+        k_init, _ = jax.random.split(jax.random.key(hp.seed))
+        _, k_batch = jax.random.split(jax.random.key(hp.batch_seed))  # = the model seed's by default
+        # A perturbation ε·(an independent draw of the same initializer): relative to each tensor's own
+        # scale. ε = 0 leaves the weights untouched, bit for bit.
+        noise = model.init(jax.random.fold_in(jax.random.key(hp.noise_seed), NOISE_STREAM))
+        params = jax.tree.map(lambda w, z: jnp.where(hp.init_noise > 0, w + hp.init_noise * z, w) * hp.init_scale,
+                              model.init(k_init), noise)
         order = jax.random.permutation(jax.random.key(hp.data_seed), n_pairs).astype(jnp.int32)
         is_train = jnp.zeros(n_pairs, bool).at[order].set(jnp.arange(n_pairs) < hp.n_train)
         return RunState(params, params, optimizer(hp).init(params), order, is_train, k_batch, jnp.array(False),
                         jnp.zeros(n_freqs, jnp.float32))
 
-    def loss_fn(params, idx, weight):
-        logits = model.apply(params, inputs[idx])
-        return (weight * per_example_loss(logits, targets[idx])).sum() / weight.sum()
+    def full_batch_loss(params, order, n_train):
+        """The mean loss over the run's n_train training pairs, padded to the sweep's largest
+        training set: the padded length decides how the sum rounds, so it is part of the run hash
+        (sweep.py) wherever it exceeds the run's own."""
+        idx, weight = order[:n_train_max], (jnp.arange(n_train_max) < n_train).astype(jnp.float32)
+        return (weight * per_example_loss(model.apply(params, inputs[idx]), targets[idx])).sum() / weight.sum()
 
-    def training_pairs(order, n_train, key, size: int):
-        """(pair ids, weights): all n_train training pairs (size 0), or `size` distinct ones drawn
-        with `key`."""
-        if size == 0:  # the first n_train pairs of the run's order, padded to the sweep's largest
-            return order[:n_train_max], (jnp.arange(n_train_max) < n_train).astype(jnp.float32)
+    def minibatch_loss(params, order, n_train, key, size: int):
+        """The mean loss over `size` distinct training pairs drawn with `key`."""
         noise = jax.random.uniform(key, (n_train_max,)) + (jnp.arange(n_train_max) >= n_train)
-        return order[jax.lax.top_k(-noise, size)[1]], jnp.ones(size, jnp.float32)
+        idx = order[jax.lax.top_k(-noise, size)[1]]
+        return per_example_loss(model.apply(params, inputs[idx]), targets[idx]).mean()
 
     def train_step(state: RunState, hp: Hparams) -> RunState:
         key, sub = jax.random.split(state.key) if cfg.batch_size else (state.key, None)
-        idx, weight = training_pairs(state.order, hp.n_train, sub, cfg.batch_size)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, idx, weight)
+        if cfg.batch_size:
+            loss, grads = jax.value_and_grad(minibatch_loss)(state.params, state.order, hp.n_train, sub, cfg.batch_size)
+        else:
+            loss, grads = jax.value_and_grad(full_batch_loss)(state.params, state.order, hp.n_train)
         updates, opt_state = optimizer(hp).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # A run whose loss or gradient is non-finite keeps its last finite weights from then on.
@@ -146,8 +161,17 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
         vectorize = devices[0].platform != "cpu"
     measure = measures.build(static, model, table, per_example_loss, vectorize)
     m_cfg = static.measures
-    # The LLC's minibatches: its own size, or the whole training set when that is smaller.
-    llc_batch = m_cfg.llc_batch_size if m_cfg.llc_batch_size < static.n_train_min else 0
+    # The LLC's minibatches: llc_batch_size pairs, or the run's whole training set where that is not
+    # larger (decided per run, not by the sweep's smallest training set).
+    llc_batch = m_cfg.llc_batch_size if m_cfg.llc_batch_size < static.n_train_max else 0
+
+    def llc_batch_loss(params, order, n_train, key):
+        if llc_batch == 0:
+            return full_batch_loss(params, order, n_train)
+        mini = lambda: minibatch_loss(params, order, n_train, key, llc_batch)  # noqa: E731
+        if llc_batch < static.n_train_min:
+            return mini()
+        return jax.lax.cond(llc_batch < n_train, mini, lambda: full_batch_loss(params, order, n_train))
 
     def evaluate(state: RunState, hp: Hparams, eval_index) -> tuple[jax.Array, jax.Array]:
         logits = model.apply(state.params, inputs)
@@ -164,7 +188,7 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
         # The measures' randomness depends on the run and the evaluation only: resumable, and
         # independent of how steps are cut into chunks. Training's own key is left alone.
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(hp.seed), hp.data_seed), eval_index)
-        batch_loss = lambda p, k: loss_fn(p, *training_pairs(state.order, hp.n_train, k, llc_batch))  # noqa: E731
+        batch_loss = lambda p, k: llc_batch_loss(p, state.order, hp.n_train, k)  # noqa: E731
         values, energies = measure(measures.Inputs(state.params, state.params0, logits, state.is_train,
                                                    train_loss, batch_loss, key, eval_index))
         m = jnp.concatenate([m, values])

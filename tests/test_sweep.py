@@ -52,6 +52,13 @@ BAD = [
     ({"task": {"op": "x%y", "p": 31}}, "task.op: unknown task"),
     ({"model": {"kind": "lstm"}}, "model.kind: unknown model 'lstm'"),
     ({"model": {"kind": "mlp", "n_heads": 4}}, "model.n_heads: unknown key"),
+    ({"sweep": {"weight_decay": float("inf"), "learning_rate": 0.01, "train_fraction": 0.5}}, "sweep.weight_decay: must be finite"),
+    ({"sweep": {"weight_decay": 1.0, "learning_rate": 0.01, "train_fraction": 0.5, "init_noise": -1e-3}}, "sweep.init_noise: must be ≥ 0"),
+    ({"sweep": {"weight_decay": 1.0, "learning_rate": 0.01, "train_fraction": 0.5, "init_noise": float("nan")}}, "sweep.init_noise: must be finite"),
+    ({"sweep": {"weight_decay": 1.0, "learning_rate": 0.01, "train_fraction": 0.5, "noise_seed": -1}}, "sweep.noise_seed: must be in"),
+    ({"sweep": {"weight_decay": 1.0, "learning_rate": 0.01, "train_fraction": 0.5, "batch_seed": [0.5]}}, "sweep.batch_seed: must be an integer"),
+    ({"sweep": {"weight_decay": 1.0, "learning_rate": 0.01, "train_fraction": 0.5, "grokfast_lambda": -2}}, "sweep.grokfast_lambda: must be ≥ 0"),
+    ({"sweep": {"weight_decay": 1.0, "learning_rate": 0.01, "train_fraction": 0.5, "grokfast_alpha": 1.0}}, "sweep.grokfast_alpha: must be in \\[0, 1\\)"),
 ]
 
 

@@ -1,0 +1,133 @@
+"""Three sources of randomness and a perturbed initialization, each its own axis; Grokfast's filter
+as an axis; and a run's results and hash independent of the company it is trained in."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgrok import engine, grokfast, train
+
+ONE = jax.devices()[:1]
+
+
+def _curves(result):
+    return np.stack([result.curves[m] for m in train.METRICS], -1)
+
+
+def _sweep(tiny_sweep, train_=None, **axes):
+    base = {"seed": 0, "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.5}
+    return tiny_sweep(sweep={**base, **axes}, train={"steps": 200, "eval_every": 50, **(train_ or {})})
+
+
+def test_no_perturbation_is_todays_run_bit_for_bit(tiny_sweep):
+    plain = _sweep(tiny_sweep, seed=[0, 1])
+    eps0 = _sweep(tiny_sweep, seed=[0, 1], init_noise=[0.0, 1e-3])
+    assert eps0.run_hashes[:2] == plain.run_hashes  # ε = 0 runs keep the hash of runs without the axis
+    a, b = engine.train_sweep(plain, devices=ONE), engine.train_sweep(eps0, devices=ONE)
+    np.testing.assert_array_equal(_curves(b)[:2], _curves(a))
+
+
+def test_a_tiny_perturbation_stays_close_and_a_unit_one_is_like_a_new_seed(tiny_sweep):
+    s = _sweep(tiny_sweep, seed=[0, 1], init_noise=[0.0, 1e-7, 1.0], noise_seed=3,
+               train_={"steps": 50, "eval_every": 10})
+    r = engine.train_sweep(s, devices=ONE)
+    c, hp = _curves(r), s.runs
+    run = lambda seed, eps: int(np.nonzero((hp["seed"] == seed) & (hp["init_noise"] == eps))[0][0])  # noqa: E731
+    base, tiny, unit, other = run(0, 0.0), run(0, 1e-7), run(0, 1.0), run(1, 0.0)
+    loss = train.METRICS.index("train_loss")
+    # The first evaluation: 10 AdamW steps from inits 1e-7 apart stay within float tolerance...
+    np.testing.assert_allclose(c[tiny, 0, loss], c[base, 0, loss], rtol=1e-4)
+    assert not np.array_equal(c[tiny], c[base])  # ...yet it is another run
+    # ...while ε = 1 moves as far from its base as another seed does.
+    far, seed_gap = np.abs(c[unit, :, loss] - c[base, :, loss]).max(), np.abs(c[other, :, loss] - c[base, :, loss]).max()
+    assert far > 0.1 * seed_gap and far > 1e3 * np.abs(c[tiny, :, loss] - c[base, :, loss]).max()
+    # The perturbation direction is the noise seed's, independent of the model seed: the initial
+    # weights' distance from the base, relative to the base, is about √1 = 1 at ε = 1.
+    program = train.make_program(s.static, ONE)
+    p0 = program.init(jax.device_put(train.hparams_for(s, np.arange(s.n_runs)), program.sharding)).params
+    leaves = jax.tree.leaves(p0)
+    dist = np.sqrt(sum(((x[unit] - x[base]) ** 2).sum() for x in leaves))
+    norm = np.sqrt(sum((x[base] ** 2).sum() for x in leaves))
+    assert 0.7 < dist / norm < 1.3
+
+
+def test_batch_seed_moves_only_minibatches(tiny_sweep):
+    full = engine.train_sweep(_sweep(tiny_sweep, batch_seed=[0, 5]), devices=ONE)
+    np.testing.assert_array_equal(_curves(full)[0], _curves(full)[1])  # full batch: no order to change
+    mb = _sweep(tiny_sweep, seed=[0, 0], batch_seed=[0, 5], zip=[["seed", "batch_seed"]], train_={"batch_size": 64})
+    default = _sweep(tiny_sweep, train_={"batch_size": 64})
+    assert default.runs["batch_seed"].tolist() == [0]  # follows the model seed, as before it was an axis
+    assert mb.run_hashes[0] == default.run_hashes[0] != mb.run_hashes[1]
+    r, d = engine.train_sweep(mb, devices=ONE), engine.train_sweep(default, devices=ONE)
+    np.testing.assert_array_equal(_curves(r)[0], _curves(d)[0])
+    assert not np.array_equal(_curves(r)[0], _curves(r)[1])
+
+
+def test_a_run_does_not_depend_on_the_largest_train_fraction_of_its_sweep(tiny_sweep):
+    """Full batch: the batch is padded to the sweep's largest training set and the padded length
+    changes the rounding, so it is in the run hash; a run with the same hash is the same bit for bit.
+    Minibatches do not depend on it at all."""
+    alone, wide, wider = (_sweep(tiny_sweep, train_fraction=f) for f in (0.3, [0.3, 0.8], [0.3, 0.5, 0.8]))
+    assert alone.run_hashes[0] != wide.run_hashes[0] == wider.run_hashes[0]
+    assert wide.run_hashes[1] == wider.run_hashes[2] == _sweep(tiny_sweep, train_fraction=0.8).run_hashes[0]
+    a, b = engine.train_sweep(wide, devices=ONE), engine.train_sweep(wider, devices=ONE)
+    np.testing.assert_array_equal(_curves(a)[0], _curves(b)[0])
+    mb = {"batch_size": 32}
+    alone, wide = (_sweep(tiny_sweep, train_fraction=f, train_=mb) for f in (0.3, [0.3, 0.8]))
+    assert alone.run_hashes[0] == wide.run_hashes[0]
+    np.testing.assert_array_equal(_curves(engine.train_sweep(alone, devices=ONE))[0],
+                                  _curves(engine.train_sweep(wide, devices=ONE))[0])
+
+
+def test_grokfast_filter_is_the_reference_ema():
+    """μ starts at the first gradient, then μ ← αμ + (1 − α)g; the optimizer gets g + λμ
+    (ironjr/grokfast gradfilter_ema)."""
+    alpha, lamb = 0.9, 2.0
+    tx = grokfast.ema(jnp.float32(alpha), jnp.float32(lamb))
+    grads = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    state, mu = tx.init({"w": jnp.zeros(3)}), None
+    for g in grads:
+        out, state = tx.update({"w": jnp.asarray(g)}, state)
+        mu = g if mu is None else alpha * mu + (1 - alpha) * g
+        np.testing.assert_allclose(out["w"], g + lamb * mu, rtol=1e-6)
+    off = grokfast.ema(jnp.float32(alpha), jnp.float32(0.0))
+    out, _ = off.update({"w": jnp.asarray(grads[0])}, off.init({"w": jnp.zeros(3)}))
+    np.testing.assert_array_equal(out["w"], grads[0])
+    assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_grokfast_off_is_plain_adamw():
+    """λ = 0 hands AdamW the very same gradients: op by op (no fusion), the same weights bit for bit,
+    step after step. (Compiled, XLA may fuse the filter's arithmetic into AdamW's and round the last
+    bit differently; hence the hash of a program with a filter, below.)"""
+    rng = np.random.default_rng(0)
+    grads = [{"w": jnp.asarray(rng.normal(size=(16, 8)).astype(np.float32))} for _ in range(5)]
+    p0 = {"w": jnp.asarray(rng.normal(size=(16, 8)).astype(np.float32))}
+
+    def train_(params, lamb, filtered):
+        opt = optax.adamw(1e-2, b1=0.9, b2=0.98, weight_decay=1.0)
+        opt = optax.chain(grokfast.ema(jnp.float32(0.98), lamb), opt) if filtered else opt
+        state = opt.init(params)
+        for g in grads:
+            updates, state = opt.update(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return params
+
+    with jax.disable_jit():
+        plain = train_(p0, jnp.float32(0), False)
+        np.testing.assert_array_equal(train_(p0, jnp.float32(0), True)["w"], plain["w"])
+        assert not np.array_equal(train_(p0, jnp.float32(2), True)["w"], plain["w"])
+
+
+def test_grokfast_as_an_axis(tiny_sweep):
+    """In a sweep, λ = 0 runs follow plain AdamW (to float tolerance: XLA fuses a program with the
+    filter in it differently, so such runs carry their own hash) and λ > 0 runs do not."""
+    plain = _sweep(tiny_sweep, seed=[0, 1], train_={"steps": 20, "eval_every": 10})
+    mixed = _sweep(tiny_sweep, seed=[0, 1], grokfast_lambda=[0.0, 2.0], train_={"steps": 20, "eval_every": 10})
+    assert mixed.static.grokfast and not plain.static.grokfast
+    assert not set(mixed.run_hashes) & set(plain.run_hashes) and len(set(mixed.run_hashes)) == 4
+    a, b = _curves(engine.train_sweep(plain, devices=ONE)), _curves(engine.train_sweep(mixed, devices=ONE))
+    np.testing.assert_allclose(b[:2], a, rtol=1e-5, atol=1e-6)
+    loss = train.METRICS.index("train_loss")
+    assert np.abs(b[2:, :, loss] - a[:, :, loss]).max() > 1e-3
