@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from scipy import stats
 
-from jaxgrok import results
+from jaxgrok import results, variance
 from jaxgrok.sweep import AXES, SEED_AXES, varying
 
 HYPERPARAMETERS = tuple(a for a in AXES if a not in SEED_AXES)
@@ -28,7 +28,7 @@ class AnalysisError(ValueError):
 
 def load_runs(results_dir: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """runs.parquet as numpy columns (nullable integers become float with NaN), and its sweep."""
-    table = results.read(Path(results_dir) / "runs.parquet", "runs")
+    table = results.upgrade_runs(results.read(Path(results_dir) / "runs.parquet", "runs"))
     cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     return cols, results.sweep_config(table)
 
@@ -115,8 +115,8 @@ def cell_stats(cols: dict, keys: list[str]) -> list[dict]:
         for name, s in series.items():
             for stat in ("median", "median_lo", "median_hi", "restricted_mean") + tuple(f"q{int(q * 100)}" for q in QUANTILES):
                 row[f"{name}_{stat}"] = None if s is None else s[stat]
-        logs = np.log(t_val[grokked])
-        row["t_val_log_cv"] = float(stats.variation(logs)) if k >= 2 else None
+        # The spread of log t_val, censoring-aware: ML of a normal right-censored at the budget.
+        row["t_val_log_sd"] = variance.log_sd(np.nan_to_num(t_val, nan=1.0), grokked, budget[m])
         phases, counts = np.unique(cols["phase"][m], return_counts=True)
         row["phase"] = str(phases[np.argmax(counts)])
         row["_survival"] = series["t_val"]["ecdf"]
@@ -141,73 +141,184 @@ def stats_table(rows: list[dict], keys: list[str], resolved: dict) -> pa.Table:
 # Initialization sensitivity
 
 
-def _shares(y, groups: dict[str, np.ndarray]) -> np.ndarray:
-    """Share of the variance of y explained by the cell, then by each seed factor within cells."""
-    total = ((y - y.mean()) ** 2).sum()
-    out, resid = [], y
-    for name, g in groups.items():
-        _, inv = np.unique(g, return_inverse=True)
-        means = np.bincount(inv, resid) / np.bincount(inv)
-        out.append(((means[inv] - resid.mean()) ** 2).sum() / total if total > 0 else np.nan)
-        if name == "hyperparameters":
-            resid = resid - means[inv]  # seeds are judged within cells
-    return np.asarray(out)
+def random_factors(cols, runs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The seeds that vary among `runs` (all by default) as random factors: name -> level per run.
+    Seeds that always vary together (zipped, or batch_seed following seed) are one factor."""
+    runs = np.arange(len(cols["run_id"])) if runs is None else runs
+    sub = {a: cols[a][runs] for a in SEED_AXES}
+    codes = {a: np.unique(sub[a], return_inverse=True)[1].ravel() for a in varying(sub | {
+        k: np.zeros(len(runs)) for k in AXES if k not in SEED_AXES})}
+    factors: dict[str, np.ndarray] = {}
+    for axis, code in codes.items():
+        for name, level in factors.items():
+            joint = len({(x, y) for x, y in zip(level, code)})
+            if joint == len(np.unique(level)) == len(np.unique(code)):  # one determines the other
+                factors[f"{name} and {axis}"] = factors.pop(name)
+                break
+        else:
+            factors[axis] = code
+    return factors
 
 
-def sensitivity(cols: dict, keys: list[str], n_resamples: int = 999, seed: int = 0) -> tuple[list[dict], list[str]]:
-    """Variance shares of log t_val (grokked runs) and rank correlations between cells sharing seeds.
-    Returns rows (measure, factor, estimate, ci_lo, ci_hi, n) and sentences for the report."""
-    rows, notes = [], []
-    g = ~cols["censored"]
-    ids, uniq = cell_ids(cols, keys)
-    seed, data = cols["seed"], cols["data_seed"]
-    n_pairs = len({(a, b) for a, b in zip(seed, data)})
-    groups = {}
-    if keys:
-        groups["hyperparameters"] = ids[g]
-    if n_pairs > max(len(np.unique(seed)), len(np.unique(data))):  # crossed: the two can be told apart
-        groups["seed"], groups["data_seed"] = seed[g], data[g]
-    elif n_pairs > 1:
-        groups["seed and data_seed together" if len(np.unique(data)) > 1 else "seed"] = seed[g] * 2**31 + data[g]
-        if len(np.unique(data)) > 1:
-            notes.append("Model and data seeds vary together (zipped), so their effects cannot be told apart.")
-    if g.sum() < 4 or not any(k != "hyperparameters" for k in groups):
-        notes.append("Fewer than 2 seeds per cell or fewer than 4 grokked runs: no spread to report.")
-    else:
-        y = np.log(cols["t_val"][g])
-        idx = np.arange(len(y))
-        est = _shares(y, groups)
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
-            boot = stats.bootstrap((idx,), lambda i: _shares(y[i], {k: v[i] for k, v in groups.items()}),
-                                   n_resamples=n_resamples, vectorized=False, method="percentile",
-                                   random_state=np.random.default_rng(seed))
-        notes.append("Variance-share intervals resample runs (percentile bootstrap); the share is biased upward "
-                     "under resampling, so the interval of a small share can sit above its estimate.")
-        for name, e, lo, hi in zip(groups, est, np.atleast_1d(boot.confidence_interval.low),
-                                   np.atleast_1d(boot.confidence_interval.high)):
-            rows.append({"measure": "variance_share_log_t_val", "factor": name, "estimate": float(e),
-                         "ci_lo": float(lo), "ci_hi": float(hi), "n": int(g.sum())})
-    # Does a fast seed stay fast? Spearman ρ of t_val between two cells over the seeds they share
-    # (a censored run ranks after every grokked one).
-    t = np.where(g, cols["t_val"], np.inf)
+def rank_correlations(cols, keys, ids, uniq) -> list[dict]:
+    """Does a fast seed stay fast? Spearman ρ of t_val between two cells over the seeds they share
+    (a censored run ranks after every grokked one)."""
+    rows = []
+    seeds = np.stack([cols[a] for a in SEED_AXES], 1)
+    t = np.where(cols["censored"], np.inf, cols["t_val"])
     for a, b in itertools.combinations(range(len(uniq)), 2):
-        ka = {(s, d): t[i] for i, (s, d) in enumerate(zip(seed, data)) if ids[i] == a}
-        kb = {(s, d): t[i] for i, (s, d) in enumerate(zip(seed, data)) if ids[i] == b}
+        ka = {tuple(s): t[i] for i, s in enumerate(seeds) if ids[i] == a}
+        kb = {tuple(s): t[i] for i, s in enumerate(seeds) if ids[i] == b}
         shared = sorted(set(ka) & set(kb))
         xa, xb = np.array([ka[s] for s in shared]), np.array([kb[s] for s in shared])
         if len(shared) < 4 or np.isinf(xa).all() or np.isinf(xb).all():
             continue
-        rho = stats.spearmanr(xa, xb).statistic
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant input: ρ is NaN and skipped
+            rho = stats.spearmanr(xa, xb).statistic
         if np.isfinite(rho):
             label = lambda c: ", ".join(f"{k}={v:g}" for k, v in zip(keys, uniq[c]))  # noqa: E731
             rows.append({"measure": "rank_correlation_t_val", "factor": f"{label(a)} vs {label(b)}",
-                         "estimate": float(rho), "ci_lo": None, "ci_hi": None, "n": len(shared)})
+                         "estimate": float(rho), "ci_lo": None, "ci_hi": None, "n": len(shared), "init_noise": None})
+    return rows
+
+
+def perturbation_map(cols, n_resamples: int = 199, seed: int = 0) -> tuple[list[dict], list[str]]:
+    """Per perturbation size ε: the share of the variance of log t_val that lies among perturbations
+    of one base initialization (noise seeds) rather than across base initializations (the other
+    seeds), censoring-aware with a pigeonhole-bootstrap interval; and Spearman ρ between each
+    perturbed run and its unperturbed base (ε = 0), with an interval from resampling base seeds."""
+    rows, notes = [], []
+    eps = cols["init_noise"]
+    others = [k for k in cell_axes(cols) if k != "init_noise"]
+    base_axes = [a for a in SEED_AXES if a != "noise_seed"]
+    base = np.unique(np.stack([cols[a] for a in base_axes], 1), axis=0, return_inverse=True)[1].ravel()
+    t = np.where(cols["censored"], np.inf, cols["t_val"])
+    rng = np.random.default_rng(seed)
+    for e in np.unique(eps[eps > 0]):
+        runs = np.nonzero(eps == e)[0]
+        factors = {"base initialization": base[runs], "noise_seed": cols["noise_seed"][runs]}
+        if min(len(np.unique(f)) for f in factors.values()) < 2:
+            notes.append(f"init_noise = {e:g}: needs ≥ 2 base seeds and ≥ 2 noise seeds for the perturbation share.")
+            continue
+        sub = {k: v[runs] for k, v in cols.items()}
+        design = variance.grid(sub, cell_ids(sub, others)[0], factors)
+        if isinstance(design, str):
+            notes.append(f"init_noise = {e:g}: {design}.")
+            continue
+        est, boot, _ = variance.estimate(design, n_resamples, seed)
+        within = lambda d: d["noise_seed"] + d["residual"]  # noqa: E731
+        share = lambda d: within(d) / np.where(within(d) + d["base initialization"] > 0,  # noqa: E731
+                                               within(d) + d["base initialization"], np.nan)
+        lo, hi = variance.interval(share(boot))
+        rows.append({"measure": "perturbation_share_log_t_val", "factor": "among perturbations of one base initialization",
+                     "estimate": float(share(est)[0]), "ci_lo": lo, "ci_hi": hi, "n": len(runs), "init_noise": float(e)})
+        # Rank correlation with the unperturbed run of the same base (and the same other cell values).
+        zero = {(base[i], *[cols[k][i] for k in others]): t[i] for i in np.nonzero(eps == 0)[0]}
+        pairs = [(zero.get((base[i], *[cols[k][i] for k in others])), t[i], base[i]) for i in runs]
+        pairs = [p for p in pairs if p[0] is not None]
+        if len(pairs) < 4:
+            continue
+        x, y, b = (np.array(v) for v in zip(*pairs))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rho = stats.spearmanr(x, y).statistic
+            levels = np.unique(b)
+            members = [np.nonzero(b == lv)[0] for lv in levels]
+            reps = []
+            for _ in range(n_resamples):
+                pick = np.concatenate([members[j] for j in rng.integers(0, len(levels), len(levels))])
+                reps.append(stats.spearmanr(x[pick], y[pick]).statistic)
+        lo, hi = variance.interval(np.asarray(reps, float))
+        rows.append({"measure": "rank_correlation_unperturbed", "factor": "perturbed run vs its unperturbed base",
+                     "estimate": float(rho) if np.isfinite(rho) else None, "ci_lo": lo, "ci_hi": hi,
+                     "n": len(pairs), "init_noise": float(e)})
     return rows, notes
 
 
+def sensitivity(cols: dict, keys: list[str], n_resamples: int = 199, seed: int = 0) -> tuple[list[dict], list[str]]:
+    """Censoring-aware variance components of log t_val (variance.py) for the cells and every seed
+    that varies; rank correlations between cells sharing seeds; and, where init_noise varies, the
+    perturbation map. Returns rows (measure, factor, estimate, ci_lo, ci_hi, n, init_noise) and
+    sentences for the report."""
+    rows, notes = [], []
+    ids, uniq = cell_ids(cols, keys)
+    factors = random_factors(cols)
+    if len(np.unique(cols["seed"])) > 1 and len(np.unique(cols["data_seed"])) > 1 and "seed and data_seed" in factors:
+        notes.append("Model and data seeds vary together (zipped), so their effects cannot be told apart.")
+    design = variance.grid(cols, ids, factors) if factors else "no seed varies"
+    if isinstance(design, str):
+        notes.append(f"Variance components: {design}.")
+    else:
+        try:
+            rows += [r | {"init_noise": None} for r in variance.components(design, n_resamples, seed)]
+        except ValueError as e:  # no residual degrees of freedom
+            notes.append(f"Variance components: {e}.")
+    rows += rank_correlations(cols, keys, ids, uniq)
+    if "init_noise" in keys and "noise_seed" in cols:
+        map_rows, map_notes = perturbation_map(cols, n_resamples, seed)
+        rows += map_rows
+        notes += map_notes
+    return rows, notes
+
+
+def km_median(t: np.ndarray, observed: np.ndarray, censor_at: np.ndarray) -> float:
+    """The Kaplan–Meier median (NaN where the survival curve never falls to one half)."""
+    if not observed.any():
+        return np.nan
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sf = stats.ecdf(stats.CensoredData(uncensored=t[observed], right=censor_at[~observed])).sf
+    m = _first_at_or_below(sf.quantiles, sf.probabilities, 0.5)
+    return np.nan if m is None else m
+
+
+def grokfast_speedup(cols, keys, n_resamples: int = 499, seed: int = 0) -> list[dict]:
+    """Per Grokfast setting (λ > 0, α) and cell of the other axes: the Kaplan–Meier median t_val of
+    the unfiltered runs (λ = 0) over that of the filtered ones, with a percentile interval from
+    resampling seeds (both arms share them, so they are resampled together)."""
+    others = [k for k in keys if k not in ("grokfast_lambda", "grokfast_alpha")]
+    ids, uniq = cell_ids(cols, others)
+    lam, alpha = cols["grokfast_lambda"], cols["grokfast_alpha"]
+    observed, budget = ~cols["censored"], cols["steps"].astype(float)
+    t = np.nan_to_num(cols["t_val"]).astype(float)
+    seeds = np.unique(np.stack([cols[a] for a in SEED_AXES], 1), axis=0, return_inverse=True)[1].ravel()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(len(uniq)):
+        cell = ids == c
+        base = cell & (lam == 0)
+        if not base.any():
+            continue
+        base &= alpha == alpha[base].min()  # λ = 0 ignores α: one copy of the baseline
+        for lv, av in sorted({(a, b) for a, b in zip(lam[cell & (lam > 0)], alpha[cell & (lam > 0)])}):
+            arm = cell & (lam == lv) & (alpha == av)
+            med = lambda m: km_median(t[m], observed[m], budget[m])  # noqa: E731
+            m_base, m_arm = med(base), med(arm)
+            levels = np.unique(seeds[base | arm])
+            reps = []
+            for _ in range(n_resamples):
+                pick = rng.choice(levels, len(levels))
+                counts = np.bincount(np.searchsorted(levels, pick), minlength=len(levels))
+                weight = np.zeros(len(t), int)
+                weight[base | arm] = counts[np.searchsorted(levels, seeds[base | arm])]
+                idx = np.repeat(np.arange(len(t)), weight)
+                b_i, a_i = idx[base[idx]], idx[arm[idx]]
+                reps.append(km_median(t[b_i], observed[b_i], budget[b_i]) / km_median(t[a_i], observed[a_i], budget[a_i]))
+            lo, hi = variance.interval(np.asarray(reps))
+            row = {k: uniq[c][i].item() for i, k in enumerate(others)}
+            rows.append(row | {"grokfast_lambda": float(lv), "grokfast_alpha": float(av),
+                               "n_runs": int(arm.sum()), "n_grokked": int(observed[arm].sum()),
+                               "baseline_runs": int(base.sum()), "baseline_grokked": int(observed[base].sum()),
+                               "median_t_val": m_arm, "baseline_median_t_val": m_base,
+                               "speedup": m_base / m_arm, "speedup_lo": lo, "speedup_hi": hi})
+    # A median that is not reached, and a ratio of one, is missing (null), not a number.
+    return [{k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in r.items()} for r in rows]
+
+
 SENSITIVITY_SCHEMA = pa.schema([("measure", pa.string()), ("factor", pa.string()), ("estimate", pa.float64()),
-                                ("ci_lo", pa.float64()), ("ci_hi", pa.float64()), ("n", pa.int64())])
+                                ("ci_lo", pa.float64()), ("ci_hi", pa.float64()), ("n", pa.int64()),
+                                ("init_noise", pa.float64())])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +345,7 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
         notes.append("Fewer than 2 seeds in every cell: no spread to report.")
     written = {"stats": results_dir / "stats.parquet"}
     results.write_atomic(stats_table(rows, keys, resolved), written["stats"])
-    if len(np.unique(cols["seed"])) > 1 or len(np.unique(cols["data_seed"])) > 1:
+    if any(a in SEED_AXES for a in swept):
         sens_rows, sens_notes = sensitivity(cols, keys)
         notes += sens_notes
         written["sensitivity"] = results_dir / "sensitivity.parquet"
@@ -243,6 +354,16 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
     else:
         sens_rows = []
         notes.append("Seeds do not vary: no initialization sensitivity to report.")
+    speedup = []
+    if "grokfast_lambda" in keys and (cols["grokfast_lambda"] == 0).any():
+        speedup = grokfast_speedup(cols, keys)
+        others = [k for k in keys if k not in ("grokfast_lambda", "grokfast_alpha")]
+        fields = key_fields(others) + [pa.field("grokfast_lambda", pa.float64()), pa.field("grokfast_alpha", pa.float64())]
+        fields += [pa.field(k, pa.int64()) for k in ("n_runs", "n_grokked", "baseline_runs", "baseline_grokked")]
+        fields += [pa.field(k, pa.float64()) for k in ("median_t_val", "baseline_median_t_val", "speedup", "speedup_lo", "speedup_hi")]
+        written["grokfast"] = results_dir / "grokfast.parquet"
+        schema = pa.schema(fields).with_metadata(results.metadata("grokfast", resolved))
+        results.write_atomic(pa.Table.from_pylist(speedup, schema=schema), written["grokfast"])
     curves_path = results_dir / "curves.parquet"
     curves = results.read(curves_path, "curves") if curves_path.exists() else None
     warn = None
@@ -251,7 +372,7 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
         for name, table in tables.items():
             written[name] = results_dir / f"{name}.parquet"
             results.write_atomic(table, written[name])
-    written |= report.write(results_dir, cols, resolved, rows, keys, sens_rows, notes, curves, x, y, warn)
+    written |= report.write(results_dir, cols, resolved, rows, keys, sens_rows, notes, curves, x, y, warn, speedup)
     return written
 
 

@@ -180,34 +180,50 @@ def pigeonhole(design: Design, n_resamples: int, rng: np.random.Generator) -> tu
     return y[tuple(index)], c[tuple(index)]
 
 
-def components(design: Design, n_resamples: int = 199, seed: int = 0, level: float = 0.95) -> list[dict]:
-    """Each component and its share of the total, with percentile intervals from the pigeonhole
-    bootstrap: rows (measure, factor, estimate, ci_lo, ci_hi)."""
+def estimate(design: Design, n_resamples: int = 199, seed: int = 0) -> tuple[dict, dict | None, list[str]]:
+    """(estimates, bootstrap replicates, names): component name -> [1] and [n_resamples] arrays,
+    keyed "hyperparameters" (the cells' variance, with several cells), each factor's name, and
+    "residual". With one cell and one factor (one run per level) the level's effect and the residual
+    are one thing, reported under the factor's name."""
     rng = np.random.default_rng(seed)
     C, F = design.y.shape[0], len(design.factors)
-    names = (["hyperparameters"] if C > 1 else []) + design.factors + ["residual"]
     y, c = design.y, design.censored
     if F == 1 and C == 1:
-        # One run per level: the level's effect and the residual are the same thing; one component.
-        y, c = y.reshape(1, -1), c.reshape(1, -1)
-        names = design.factors
+        est = fit(y.reshape(1, 1, -1), c.reshape(1, 1, -1), rng)
+        pick = rng.integers(0, y.size, (n_resamples, y.size))  # the levels (= runs), resampled
+        boot = fit(y.reshape(-1)[pick][:, None], c.reshape(-1)[pick][:, None], rng)
+        return {design.factors[0]: est["residual"]}, {design.factors[0]: boot["residual"]}, design.factors
     est = fit(y[None], c[None], rng)
     boot = fit(*pigeonhole(design, n_resamples, rng), rng) if F else None
-    if F == 1 and C == 1:
-        est = {"residual": est["residual"]}
-        boot = {"residual": boot["residual"]} if boot is not None else None
-    keys = (["cells"] if C > 1 else []) + [f"factor{f}" for f in range(F) if not (F == 1 and C == 1)] + ["residual"]
-    total_est = sum(est[k] for k in keys)
-    total_boot = sum(boot[k] for k in keys) if boot is not None else None
+    rename = {"cells": "hyperparameters", "residual": "residual"} | {f"factor{f}": n for f, n in enumerate(design.factors)}
+    keep = lambda d: {rename[k]: v for k, v in d.items() if k != "cells" or C > 1}  # noqa: E731
+    est = keep(est)
+    order = [n for n in ["hyperparameters", *design.factors, "residual"] if n in est]
+    return est, (keep(boot) if boot is not None else None), order
+
+
+def interval(replicates, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap replicates (NaN where there are none)."""
+    if replicates is None or not np.isfinite(replicates).any():
+        return np.nan, np.nan
+    lo, hi = np.nanquantile(replicates, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def components(design: Design, n_resamples: int = 199, seed: int = 0) -> list[dict]:
+    """Each component and its share of the total, with percentile intervals from the pigeonhole
+    bootstrap: rows (measure, factor, estimate, ci_lo, ci_hi, n)."""
+    est, boot, names = estimate(design, n_resamples, seed)
+    total = sum(est.values())
+    boot_total = sum(boot.values()) if boot is not None else None
     rows = []
-    a = (1 - level) / 2
-    for name, k in zip(names, keys):
-        for measure, e, b in (("variance_component_log_t_val", est[k], None if boot is None else boot[k]),
-                              ("variance_share_log_t_val", est[k] / total_est,
-                               None if boot is None else boot[k] / np.where(total_boot > 0, total_boot, np.nan))):
-            lo, hi = (np.nanquantile(b, [a, 1 - a]) if b is not None else (np.nan, np.nan))
-            rows.append({"measure": measure, "factor": name, "estimate": float(e[0]),
-                         "ci_lo": float(lo), "ci_hi": float(hi), "n": int(design.y.size)})
+    for name in names:
+        share_boot = None if boot is None else boot[name] / np.where(boot_total > 0, boot_total, np.nan)
+        for measure, e, b in (("variance_component_log_t_val", est[name][0], None if boot is None else boot[name]),
+                              ("variance_share_log_t_val", est[name][0] / total[0] if total[0] > 0 else np.nan, share_boot)):
+            lo, hi = interval(b)
+            rows.append({"measure": measure, "factor": name, "estimate": float(e), "ci_lo": lo, "ci_hi": hi,
+                         "n": int(design.y.size)})
     return rows
 
 
