@@ -146,8 +146,8 @@ def random_factors(cols, runs: np.ndarray | None = None) -> dict[str, np.ndarray
     Seeds that always vary together (zipped, or batch_seed following seed) are one factor."""
     runs = np.arange(len(cols["run_id"])) if runs is None else runs
     sub = {a: cols[a][runs] for a in SEED_AXES}
-    codes = {a: np.unique(sub[a], return_inverse=True)[1].ravel() for a in varying(sub | {
-        k: np.zeros(len(runs)) for k in AXES if k not in SEED_AXES})}
+    vary = varying(sub | {k: np.zeros(len(runs)) for k in AXES if k not in SEED_AXES})
+    codes = {a: np.unique(sub[a], return_inverse=True)[1].ravel() for a in SEED_AXES if a in vary}
     factors: dict[str, np.ndarray] = {}
     for axis, code in codes.items():
         for name, level in factors.items():

@@ -17,7 +17,9 @@ def _curves(result):
 
 def _sweep(tiny_sweep, train_=None, **axes):
     base = {"seed": 0, "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.5}
-    return tiny_sweep(sweep={**base, **axes}, train={"steps": 200, "eval_every": 50, **(train_ or {})})
+    # The measures off: they do not touch training, and they lengthen every compile.
+    off = {"dist_from_init": False, "fourier": False, "circularity": False, "restricted_loss": False}
+    return tiny_sweep(sweep={**base, **axes}, train={"steps": 200, "eval_every": 50, **(train_ or {})}, measures=off)
 
 
 def test_no_perturbation_is_todays_run_bit_for_bit(tiny_sweep):

@@ -89,3 +89,73 @@ def test_log_sd_is_censoring_aware():
     assert variance.log_sd(np.minimum(t, budget), observed, budget) == pytest.approx(0.5, rel=0.05)
     assert np.log(t[observed]).std() < 0.42  # the grokked-only spread is far too small
     assert variance.log_sd(t[:1], np.ones(1, bool), budget[:1]) is None
+
+
+def _runs(t_val, budget=5000, **axes):
+    """A runs table as analyze reads it: every axis at its default unless given."""
+    from jaxgrok.sweep import AXES, AXIS_DEFAULTS
+
+    n = len(t_val)
+    cols = {a: np.full(n, AXIS_DEFAULTS.get(a, 0)) for a in AXES} | {"batch_seed": np.zeros(n, int)}
+    cols |= {a: np.asarray(v) for a, v in axes.items()}
+    if "batch_seed" not in axes:
+        cols["batch_seed"] = cols["seed"].copy()
+    t = np.asarray(t_val, float)
+    return cols | {"run_id": np.arange(n), "t_val": np.where(t > budget, np.nan, t), "censored": t > budget,
+                   "steps": np.full(n, budget), "t_train": np.full(n, 50.0),
+                   "phase": np.where(t > budget, "memorization", "grokking")}
+
+
+def test_perturbation_map_finds_where_the_initialization_stops_mattering():
+    """Simulated: below ε = 1e-3 a perturbed run keeps its base's grokking time (up to a little
+    noise); from ε = 1e-1 its time is a fresh draw. The share among perturbations goes from ≈ 0 to
+    ≈ 1 and the rank correlation with the unperturbed run from ≈ 1 to ≈ 0; censored runs stay in."""
+    from jaxgrok import analyze
+
+    rng = np.random.default_rng(3)
+    eps_values, bases, noises = [0.0, 1e-4, 1e-1, 1.0], 12, 8
+    base_time = rng.normal(np.log(1500), 0.5, bases)
+    rows = []
+    for e in eps_values:
+        for b in range(bases):
+            for k in range(noises):
+                memory = 1.0 if e < 1e-3 else 0.0
+                y = memory * base_time[b] + (1 - memory) * rng.normal(np.log(1500), 0.5) + rng.normal(0, 0.02)
+                rows.append((e, b, k, np.exp(y)))
+    e, b, k, t = (np.array(v) for v in zip(*rows))
+    cols = _runs(t, budget=3000, init_noise=e, seed=b, noise_seed=k)
+    assert 0.05 < cols["censored"].mean() < 0.4
+    out, notes = analyze.perturbation_map(cols, n_resamples=99)
+    share = {r["init_noise"]: r for r in out if r["measure"] == "perturbation_share_log_t_val"}
+    rho = {r["init_noise"]: r for r in out if r["measure"] == "rank_correlation_unperturbed"}
+    assert set(share) == set(rho) == {1e-4, 1e-1, 1.0}
+    assert share[1e-4]["estimate"] < 0.05 and share[1e-4]["ci_hi"] < 0.2
+    assert share[1.0]["estimate"] > 0.8 and share[1e-1]["ci_lo"] > 0.5
+    assert rho[1e-4]["estimate"] > 0.9 and abs(rho[1.0]["estimate"]) < 0.3
+    assert rho[1.0]["ci_lo"] < 0 < rho[1.0]["ci_hi"]
+
+
+def test_random_factors_merge_seeds_that_vary_together():
+    from jaxgrok import analyze
+
+    seed = np.repeat(np.arange(4), 3)
+    cols = _runs(np.full(12, 100.0), seed=seed, data_seed=seed + 10, noise_seed=np.tile(np.arange(3), 4))
+    factors = analyze.random_factors(cols)
+    assert list(factors) == ["seed and data_seed", "noise_seed"]
+    assert "batch_seed" not in " ".join(factors)  # it follows the model seed: not a factor of its own
+
+
+def test_grokfast_speedup_is_a_ratio_of_kaplan_meier_medians():
+    from jaxgrok import analyze
+
+    rng = np.random.default_rng(4)
+    seeds = np.arange(40)
+    base = np.exp(rng.normal(np.log(2000), 0.3, 40))
+    t = np.concatenate([base, base / 2 * np.exp(rng.normal(0, 0.05, 40))])
+    lam = np.repeat([0.0, 2.0], 40)
+    cols = _runs(t, budget=2500, seed=np.tile(seeds, 2), grokfast_lambda=lam)
+    (row,) = analyze.grokfast_speedup(cols, ["grokfast_lambda"], n_resamples=199)
+    assert row["baseline_runs"] == row["n_runs"] == 40 and row["baseline_grokked"] < 40  # censored kept
+    expect = analyze.km_median(t[:40], t[:40] <= 2500, np.full(40, 2500.0)) / np.median(t[40:])
+    assert row["speedup"] == pytest.approx(expect, rel=0.05)
+    assert row["speedup_lo"] < 2.0 < row["speedup_hi"] and row["speedup_lo"] > 1.5
