@@ -18,7 +18,6 @@ from scipy import stats
 from jaxgrok import results, variance
 from jaxgrok.sweep import AXES, SEED_AXES, varying
 
-HYPERPARAMETERS = tuple(a for a in AXES if a not in SEED_AXES)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
@@ -183,6 +182,14 @@ def rank_correlations(cols, keys, ids, uniq) -> list[dict]:
     return rows
 
 
+def _cluster_resamples(cluster: np.ndarray, n_resamples: int, rng: np.random.Generator):
+    """Bootstrap index sets that resample whole clusters (a seed's runs) with replacement."""
+    levels = np.unique(cluster)
+    members = [np.nonzero(cluster == lv)[0] for lv in levels]
+    for _ in range(n_resamples):
+        yield np.concatenate([members[j] for j in rng.integers(0, len(levels), len(levels))])
+
+
 def perturbation_map(cols, n_resamples: int = 199, seed: int = 0) -> tuple[list[dict], list[str]]:
     """Per perturbation size ε: the share of the variance of log t_val that lies among perturbations
     of one base initialization (noise seeds) rather than across base initializations (the other
@@ -223,12 +230,7 @@ def perturbation_map(cols, n_resamples: int = 199, seed: int = 0) -> tuple[list[
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rho = stats.spearmanr(x, y).statistic
-            levels = np.unique(b)
-            members = [np.nonzero(b == lv)[0] for lv in levels]
-            reps = []
-            for _ in range(n_resamples):
-                pick = np.concatenate([members[j] for j in rng.integers(0, len(levels), len(levels))])
-                reps.append(stats.spearmanr(x[pick], y[pick]).statistic)
+            reps = [stats.spearmanr(x[pick], y[pick]).statistic for pick in _cluster_resamples(b, n_resamples, rng)]
         lo, hi = variance.interval(np.asarray(reps, float))
         rows.append({"measure": "rank_correlation_unperturbed", "factor": "perturbed run vs its unperturbed base",
                      "estimate": float(rho) if np.isfinite(rho) else None, "ci_lo": lo, "ci_hi": hi,
@@ -295,15 +297,10 @@ def grokfast_speedup(cols, keys, n_resamples: int = 499, seed: int = 0) -> list[
             arm = cell & (lam == lv) & (alpha == av)
             med = lambda m: km_median(t[m], observed[m], budget[m])  # noqa: E731
             m_base, m_arm = med(base), med(arm)
-            levels = np.unique(seeds[base | arm])
+            both = np.nonzero(base | arm)[0]
             reps = []
-            for _ in range(n_resamples):
-                pick = rng.choice(levels, len(levels))
-                counts = np.bincount(np.searchsorted(levels, pick), minlength=len(levels))
-                weight = np.zeros(len(t), int)
-                weight[base | arm] = counts[np.searchsorted(levels, seeds[base | arm])]
-                idx = np.repeat(np.arange(len(t)), weight)
-                b_i, a_i = idx[base[idx]], idx[arm[idx]]
+            for pick in _cluster_resamples(seeds[both], n_resamples, rng):
+                b_i, a_i = both[pick][base[both[pick]]], both[pick][arm[both[pick]]]
                 reps.append(km_median(t[b_i], observed[b_i], budget[b_i]) / km_median(t[a_i], observed[a_i], budget[a_i]))
             lo, hi = variance.interval(np.asarray(reps))
             row = {k: uniq[c][i].item() for i, k in enumerate(others)}

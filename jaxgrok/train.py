@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgrok import grokfast, measures, models, tasks
-from jaxgrok.sweep import Static, Sweep
+from jaxgrok.sweep import SEED_AXES, Static, Sweep
 
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")
 METRICS = CURVES + measures.COLUMNS  # one row of a chunk's metrics per evaluation
@@ -71,8 +71,7 @@ class Program(NamedTuple):
 def hparams_for(sweep: Sweep, index: np.ndarray) -> Hparams:
     """The host-side Hparams of the runs `index` of a sweep."""
     r = sweep.runs
-    ints = ("seed", "data_seed", "batch_seed", "noise_seed")
-    return Hparams(**{f: r[f][index].astype(np.int32 if f in ints else np.float32) for f in Hparams._fields
+    return Hparams(**{f: r[f][index].astype(np.int32 if f in SEED_AXES else np.float32) for f in Hparams._fields
                       if f != "n_train"}, n_train=sweep.n_train[index].astype(np.int32))
 
 
@@ -135,11 +134,17 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
         idx, weight = order[:n_train_max], (jnp.arange(n_train_max) < n_train).astype(jnp.float32)
         return (weight * per_example_loss(model.apply(params, inputs[idx]), targets[idx])).sum() / weight.sum()
 
-    def minibatch_loss(params, order, n_train, key, size: int):
-        """The mean loss over `size` distinct training pairs drawn with `key`."""
+    def minibatch_loss(params, order, n_train, key, size: int, at_most_n_train: bool = False):
+        """The mean loss over `size` distinct training pairs drawn with `key`; with
+        `at_most_n_train`, over all of them where the run has fewer than `size` (the draws past its
+        training set weigh 0)."""
         noise = jax.random.uniform(key, (n_train_max,)) + (jnp.arange(n_train_max) >= n_train)
-        idx = order[jax.lax.top_k(-noise, size)[1]]
-        return per_example_loss(model.apply(params, inputs[idx]), targets[idx]).mean()
+        picked, idx = jax.lax.top_k(-noise, size)
+        loss = per_example_loss(model.apply(params, inputs[order[idx]]), targets[order[idx]])
+        if not at_most_n_train:
+            return loss.mean()
+        weight = (picked > -1).astype(jnp.float32)  # a padded pair's noise is ≥ 1
+        return (weight * loss).sum() / weight.sum()
 
     def train_step(state: RunState, hp: Hparams) -> RunState:
         key, sub = jax.random.split(state.key) if cfg.batch_size else (state.key, None)
@@ -168,10 +173,8 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
     def llc_batch_loss(params, order, n_train, key):
         if llc_batch == 0:
             return full_batch_loss(params, order, n_train)
-        mini = lambda: minibatch_loss(params, order, n_train, key, llc_batch)  # noqa: E731
-        if llc_batch < static.n_train_min:
-            return mini()
-        return jax.lax.cond(llc_batch < n_train, mini, lambda: full_batch_loss(params, order, n_train))
+        # Where some run has no more than llc_batch pairs, each run takes min(llc_batch, n_train).
+        return minibatch_loss(params, order, n_train, key, llc_batch, at_most_n_train=llc_batch >= static.n_train_min)
 
     def evaluate(state: RunState, hp: Hparams, eval_index) -> tuple[jax.Array, jax.Array]:
         logits = model.apply(state.params, inputs)

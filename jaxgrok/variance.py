@@ -56,24 +56,33 @@ def grid(cols: dict, cell: np.ndarray, factors: dict[str, np.ndarray]) -> Design
     return Design(Y, C, names)
 
 
+def _along(a: np.ndarray, f: int, ndim: int) -> np.ndarray:
+    """Per-level values a[B, I_f] of factor f, shaped to broadcast over grids [B, cells, I_1..I_F]."""
+    shape = [a.shape[0]] + [1] * (ndim - 1)
+    shape[f + 2] = a.shape[1]
+    return a.reshape(shape)
+
+
+def _main_effects(y: np.ndarray):
+    """(grand mean [B], cell means [B, C], each factor's level effects [B, I_f], the main-effects fit)
+    of complete grids y[B, cells, I_1..I_F]: on a complete grid the marginal means are the least-squares fit."""
+    axes = tuple(range(1, y.ndim))
+    grand = y.mean(axes)
+    cell = y.mean(tuple(range(2, y.ndim)))
+    effects = [y.mean(tuple(a for a in axes if a != f + 2)) - grand[:, None] for f in range(y.ndim - 2)]
+    fit = cell.reshape(cell.shape + (1,) * (y.ndim - 2)) + sum(
+        (_along(m, f, y.ndim) for f, m in enumerate(effects)), np.zeros((1,) * y.ndim))
+    return grand, cell, effects, fit
+
+
 def _anova(y: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """Expected-mean-square estimates on complete grids y[B, cells, I_1..I_F]: (cells' variance,
     [σ_f²], σ_e²), each [B], components floored at 0."""
     B, C, levels = y.shape[0], y.shape[1], y.shape[2:]
     N = C * int(np.prod(levels))
-    axes = tuple(range(1, y.ndim))
-    grand = y.mean(axes)
-    cell = y.mean(tuple(range(2, y.ndim)))
-    fit = cell.reshape((B, C) + (1,) * len(levels))
-    effects = []
-    for f in range(len(levels)):
-        m = y.mean(tuple(a for a in axes if a != f + 2)) - grand[:, None]
-        effects.append(m)
-        shape = [B] + [1] * (y.ndim - 1)
-        shape[f + 2] = levels[f]
-        fit = fit + m.reshape(shape)
+    grand, cell, effects, fit = _main_effects(y)
     df_e = N - C - sum(i - 1 for i in levels)
-    ms_e = ((y - fit) ** 2).sum(axes) / df_e
+    ms_e = ((y - fit) ** 2).sum(tuple(range(1, y.ndim))) / df_e
     comps = []
     for f, i in enumerate(levels):
         ms_f = (N / i) * (effects[f] ** 2).sum(1) / (i - 1)
@@ -81,19 +90,6 @@ def _anova(y: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     between = ((cell - grand[:, None]) ** 2).mean(1)
     cells = np.maximum(0.0, between - (C - 1) / C * ms_e / (N / C)) if C > 1 else np.zeros(B)
     return cells, comps, ms_e
-
-
-def _fitted(y: np.ndarray) -> np.ndarray:
-    """The main-effects fit (cell means plus each factor's level means) of complete grids."""
-    B, C, levels = y.shape[0], y.shape[1], y.shape[2:]
-    axes = tuple(range(1, y.ndim))
-    grand = y.mean(axes)
-    fit = y.mean(tuple(range(2, y.ndim))).reshape((B, C) + (1,) * len(levels))
-    for f in range(len(levels)):
-        shape = [B] + [1] * (y.ndim - 1)
-        shape[f + 2] = levels[f]
-        fit = fit + (y.mean(tuple(a for a in axes if a != f + 2)) - grand[:, None]).reshape(shape)
-    return fit
 
 
 def _truncated_above(mean, sd, lower, rng):
@@ -119,17 +115,12 @@ def fit(y: np.ndarray, censored: np.ndarray, rng: np.random.Generator, iteration
     sums = {"cells": 0.0, "residual": 0.0} | {f"factor{f}": 0.0 for f in range(len(levels))}
     effects = [np.zeros((B, i)) for i in levels]
 
-    def expand(a, f):
-        shape = [B] + [1] * (y.ndim - 1)
-        shape[f + 2] = levels[f]
-        return a.reshape(shape)
-
     where = np.nonzero(censored)
     if len(where[0]):
         # A warm start: a few steps that put each censored y at its conditional mean above the
         # budget under the current fit, so the stochastic iterations start near their fixed point.
         for _ in range(10):
-            linear = _fitted(y)[where]
+            linear = _main_effects(y)[3][where]
             sd = np.sqrt(np.maximum(resid, 1e-12))[where[0]]
             alpha = (bound[where] - linear) / sd
             y[where] = linear + sd * np.exp(stats.norm.logpdf(alpha) - stats.norm.logsf(alpha))
@@ -138,17 +129,17 @@ def fit(y: np.ndarray, censored: np.ndarray, rng: np.random.Generator, iteration
         if len(where[0]):
             s2 = np.maximum(resid, 1e-12)[:, None]
             # Cell means (flat prior), then each factor's effects, from their normal conditionals.
-            summed = sum((expand(a, f) for f, a in enumerate(effects)), np.zeros((B, 1) + (1,) * len(levels)))
+            summed = sum((_along(a, f, y.ndim) for f, a in enumerate(effects)), np.zeros((B, 1) + (1,) * len(levels)))
             n_cell = y[0, 0].size
             mu = (y - summed).reshape(B, C, -1).mean(2) + rng.standard_normal((B, C)) * np.sqrt(s2 / n_cell)
             resid_all = y - mu.reshape((B, C) + (1,) * len(levels)) - summed
             for f in range(len(levels)):
-                z = resid_all + expand(effects[f], f)  # y minus everything but this factor
+                z = resid_all + _along(effects[f], f, y.ndim)  # y minus everything but this factor
                 n = y[0].size / levels[f]
                 total = z.sum(tuple(a for a in range(1, y.ndim) if a != f + 2))
                 precision = n / s2 + 1 / np.maximum(comps[f], 1e-12)[:, None]
                 new = total / s2 / precision + rng.standard_normal((B, levels[f])) / np.sqrt(precision)
-                resid_all = z - expand(new, f)
+                resid_all = z - _along(new, f, y.ndim)
                 effects[f] = new
             # Each censored y from its normal truncated below at the budget, given all the above.
             linear = (y - resid_all)[where]

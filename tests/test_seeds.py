@@ -133,3 +133,15 @@ def test_grokfast_as_an_axis(tiny_sweep):
     np.testing.assert_allclose(b[:2], a, rtol=1e-5, atol=1e-6)
     loss = train.METRICS.index("train_loss")
     assert np.abs(b[2:, :, loss] - a[:, :, loss]).max() > 1e-3
+
+
+def test_llc_batch_between_the_smallest_and_largest_training_sets(tiny_sweep):
+    """llc_batch_size between the sweep's smallest and largest training sets: each run draws
+    min(llc_batch_size, n_train) pairs (found in review: this case did not trace under shard_map)."""
+    llc = {"llc": True, "llc_every": 1, "llc_draws": 5, "llc_batch_size": 128}
+    s = tiny_sweep(sweep={"seed": 0, "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": [0.1, 0.6]},
+                   train={"steps": 100, "eval_every": 50}, measures=llc)
+    assert s.static.n_train_min < 128 < s.static.n_train_max
+    mapped, vmapped = engine.train_sweep(s), engine.train_sweep(s, vectorize=True)
+    assert np.isfinite(mapped.curves["llc"]).all()
+    np.testing.assert_allclose(vmapped.curves["llc"], mapped.curves["llc"], rtol=1e-3)
