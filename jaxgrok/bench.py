@@ -44,11 +44,12 @@ WORKLOADS = {
 }
 
 
-def workload_sweep(name: str, n_runs: int, steps: int, eval_every: int, contender: str = "jaxgrok"):
+def workload_sweep(name: str, n_runs: int, steps: int, eval_every: int, contender: str = "jaxgrok",
+                   precision: str = "float32"):
     w = WORKLOADS[name]
     return sweep_from_dict({
         "name": f"bench_{name}", "paper": "benchmark workload", "task": w["task"], "model": w["model"],
-        "train": {"steps": steps, "eval_every": eval_every, "chunk_steps": steps},
+        "train": {"steps": steps, "eval_every": eval_every, "chunk_steps": steps, "precision": precision},
         "measures": MEASURES.get(contender, MEASURES["jaxgrok"]),
         "sweep": {"seed": {"count": n_runs}, "weight_decay": w["weight_decay"],
                   "learning_rate": w["learning_rate"], "train_fraction": w["train_fraction"]},
@@ -63,10 +64,14 @@ def flops_per_model_step(sweep) -> float:
     return 3 * model.forward_flops(sweep.static.n_train_max) + model.forward_flops(len(table.targets)) / sweep.static.train.eval_every
 
 
-def matmul_ceiling(n: int = 2048, reps: int = 5) -> float:
-    """The device's float32 matmul rate, measured on one large square matmul (best of reps)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, precision="highest"))
+CEILING_PRECISION = {"float32": (jnp.float32, "highest"), "tf32": (jnp.float32, "high"), "bfloat16": (jnp.bfloat16, None)}
+
+
+def matmul_ceiling(n: int = 2048, reps: int = 5, precision: str = "float32") -> float:
+    """The device's matmul rate at a precision, measured on one large square matmul (best of reps)."""
+    dtype, level = CEILING_PRECISION[precision]
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, precision=level))
     f(a, a).block_until_ready()
     best = np.inf
     for _ in range(reps):
@@ -103,9 +108,11 @@ def _jax_loop_seconds(sweep, n_runs: int) -> tuple[float, float]:
     return compile_s, time.perf_counter() - start
 
 
-def measure(workload: str, n_runs: int, steps: int, eval_every: int, contenders, loop_runs: int, repeats: int) -> dict:
-    """One row of the benchmark: every contender on one workload and run count."""
-    sweep = workload_sweep(workload, n_runs, steps, eval_every)
+def measure(workload: str, n_runs: int, steps: int, eval_every: int, contenders, loop_runs: int, repeats: int,
+            precision: str = "float32") -> dict:
+    """One row of the benchmark: every contender on one workload and run count. The jaxgrok
+    contenders and jax_loop compute at `precision`; the torch ones in float32."""
+    sweep = workload_sweep(workload, n_runs, steps, eval_every, precision=precision)
     w = WORKLOADS[workload]
     table = tasks.make_table(sweep.static.task)
     torch_mod = None
@@ -121,8 +128,9 @@ def measure(workload: str, n_runs: int, steps: int, eval_every: int, contenders,
             if c.startswith("torch") and torch_mod is None:
                 continue
             if c in MEASURES:
-                res = engine.train_sweep(workload_sweep(workload, n_runs, steps, eval_every, c))
-                entry = {"model_steps_per_s": n_runs * steps / res.train_s, "compile_s": res.compile_s, "runs_timed": n_runs}
+                res = engine.train_sweep(workload_sweep(workload, n_runs, steps, eval_every, c, precision))
+                entry = {"model_steps_per_s": n_runs * steps / res.train_s, "compile_s": res.compile_s, "runs_timed": n_runs,
+                         "runs_per_batch": res.runs_per_batch, "batch_bytes_per_device": res.batch_bytes}
             elif c == "jax_loop":
                 compile_s, secs = _jax_loop_seconds(sweep, k)
                 entry = {"model_steps_per_s": k * steps / secs, "compile_s": compile_s, "runs_timed": k}
@@ -135,7 +143,7 @@ def measure(workload: str, n_runs: int, steps: int, eval_every: int, contenders,
             if best is None or entry["model_steps_per_s"] > best["model_steps_per_s"]:
                 rates[c] = entry
     flops = flops_per_model_step(sweep)
-    row = {"workload": workload, "runs": n_runs, "steps": steps, "eval_every": eval_every,
+    row = {"workload": workload, "runs": n_runs, "steps": steps, "eval_every": eval_every, "precision": precision,
            "contenders": rates, "flops_per_model_step": flops, "device": device_name(), "jax_version": jax.__version__}
     if "jaxgrok" in rates:
         jg = rates["jaxgrok"]["model_steps_per_s"]
@@ -143,6 +151,8 @@ def measure(workload: str, n_runs: int, steps: int, eval_every: int, contenders,
         row["ratios"] = {f"jaxgrok/{c}": jg / r["model_steps_per_s"] for c, r in rates.items() if c != "jaxgrok"}
         program = train.make_program(sweep.static)
         row["memory_per_run_bytes_estimate"] = train.bytes_per_run(sweep.static, program)
+        if (batch := rates["jaxgrok"].get("batch_bytes_per_device")) is not None:  # as XLA reports it
+            row["memory_per_run_bytes_xla"] = batch * program.sharding.mesh.size / rates["jaxgrok"]["runs_per_batch"]
         stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
         if stats and "peak_bytes_in_use" in stats:
             row["peak_memory_per_run_bytes"] = stats["peak_bytes_in_use"] / n_runs
@@ -160,19 +170,20 @@ def format_row(row: dict) -> str:
     return " | ".join(parts)
 
 
-def run(workloads, runs, steps, eval_every, contenders, loop_runs, repeats, json_path=None) -> list[dict]:
+def run(workloads, runs, steps, eval_every, contenders, loop_runs, repeats, json_path=None,
+        precision: str = "float32") -> list[dict]:
     # The ceiling is measured again before every row and the best reading kept, so that a noisy
     # moment cannot inflate the fraction of it that jaxgrok reaches.
-    ceiling = matmul_ceiling()
-    print(f"device: {device_name()}; JAX {jax.__version__}; float32 matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
+    ceiling = matmul_ceiling(precision=precision)
+    print(f"device: {device_name()}; JAX {jax.__version__}; {precision} matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
     print("model-steps per second (steps × runs / training seconds, compile apart), best of "
           f"{repeats}; {steps} steps, evaluation every {eval_every}")
     rows = []
     for w in workloads:
         for n in runs:
-            ceiling = max(ceiling, matmul_ceiling())
-            row = measure(w, n, steps, eval_every, contenders, loop_runs, repeats)
-            row["matmul_ceiling_flops"] = ceiling = max(ceiling, matmul_ceiling())
+            ceiling = max(ceiling, matmul_ceiling(precision=precision))
+            row = measure(w, n, steps, eval_every, contenders, loop_runs, repeats, precision)
+            row["matmul_ceiling_flops"] = ceiling = max(ceiling, matmul_ceiling(precision=precision))
             if "achieved_flops" in row:
                 row["fraction_of_ceiling"] = row["achieved_flops"] / ceiling
             print(format_row(row), flush=True)

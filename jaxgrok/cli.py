@@ -97,8 +97,10 @@ def cmd_run(args) -> int:
         _start_processes(args)
     import jax
 
-    from jaxgrok import engine
+    from jaxgrok import engine, train
     from jaxgrok.store import Interrupted, Store
+
+    train.memory_budget()  # a bad JAXGROK_MEMORY_BUDGET is refused before anything is written
 
     out = Path(args.out) if args.out else Path("results") / sweep.name
     me, n_proc = jax.process_index(), jax.process_count()
@@ -150,6 +152,13 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from jaxgrok.compare import compare, format_comparison
+
+    print(format_comparison(compare(args.a, args.b)))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from jaxgrok import bench
 
@@ -165,9 +174,17 @@ def cmd_bench(args) -> int:
         runs = [int(r) for r in split(args.runs)]
     except ValueError:
         raise SweepError(f"--runs {args.runs}: expected comma-separated integers") from None
+    if args.hlo:  # the audit of the vmapped chunk instead of timings
+        from jaxgrok import hlo
+
+        for w in workloads:
+            print(hlo.format_audit(w, hlo.audit(bench.workload_sweep(w, runs[0], args.steps, args.eval_every,
+                                                                      precision=args.precision), runs[0])))
+        return 0
     if args.steps % args.eval_every:
         raise SweepError(f"--steps {args.steps}: must be a multiple of --eval-every ({args.eval_every})")
-    bench.run(workloads, runs, args.steps, args.eval_every, contenders, args.loop_runs, args.repeats, args.json)
+    bench.run(workloads, runs, args.steps, args.eval_every, contenders, args.loop_runs, args.repeats, args.json,
+              args.precision)
     return 0
 
 
@@ -199,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--y", help="phase-diagram y axis (e.g. learning_rate)")
     ana.set_defaults(func=cmd_analyze)
 
+    cmp = sub.add_parser("compare", help="two results directories' grokking times: medians and the log-rank test")
+    cmp.add_argument("a", help="a results directory (e.g. results/precision)")
+    cmp.add_argument("b", help="another (e.g. results/precision_bfloat16)")
+    cmp.set_defaults(func=cmd_compare)
+
     bench = sub.add_parser("bench", help="model-steps per second beside PyTorch and a Python loop")
     bench.add_argument("--workload", default="mlp,nanda", help="comma-separated: mlp, nanda")
     bench.add_argument("--runs", default="1,8,64,256", help="comma-separated run counts")
@@ -208,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--loop-runs", type=int, default=4, help="models the loop contenders time (rate is per model)")
     bench.add_argument("--repeats", type=int, default=2)
     bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.add_argument("--precision", default="float32", choices=("float32", "tf32", "bfloat16"),
+                       help="jaxgrok's [train] precision, and the matmul ceiling measured at it")
+    bench.add_argument("--hlo", action="store_true",
+                       help="audit the HLO of the vmapped chunk (first --runs value) instead of timing")
     bench.set_defaults(func=cmd_bench)
     return parser
 

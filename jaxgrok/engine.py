@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxgrok import grokking, measures, results, train
 from jaxgrok.store import Interrupted, Store
-from jaxgrok.sweep import Sweep
+from jaxgrok.sweep import Sweep, SweepError
 
 
 @dataclass
@@ -45,6 +45,8 @@ class SweepResult:
     energies: np.ndarray  # float32[runs, K]: each run's final Fourier spectrum (K = 0: none)
     compile_s: float
     train_s: float
+    runs_per_batch: int = 0
+    batch_bytes: int | None = None  # per device, as XLA reports it for the compiled programs (None: not reported)
 
 
 def _global(tree, sharding):
@@ -113,6 +115,61 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
     return batches, resume
 
 
+class TooLarge(SweepError):
+    """Not even one run per device fits in the device's memory budget; the message is one line."""
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether an XLA error says the device ran out of memory (at allocation or while running)."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _compile(program: train.Program, per_batch: int):
+    """Both programs compiled ahead for batches of `per_batch` runs, from shapes alone: nothing is
+    allocated on the device before we know that the batch fits."""
+    hp = train.abstract_hparams(per_batch, program.sharding)
+    init = program.init.lower(hp).compile()
+    state = jax.eval_shape(program.init, hp)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=program.sharding), state)
+    chunk = program.chunk.lower(state, hp, np.int32(0)).compile()
+    return init, chunk
+
+
+def _fit(program: train.Program, static, n_runs: int, budget: int, where: str = "sweep"):
+    """(runs per batch, compiled init, compiled chunk, bytes per device) for batches that fit in
+    `budget` bytes per device. The analytic estimate gives a first size; then what XLA says the
+    compiled program needs (where the backend says it) decides: a line through two sizes' needs
+    (fixed costs such as the task table and the code, plus a cost per run) gives the largest batch
+    that fits. A few compiles at most, once per sweep."""
+    n_dev = program.sharding.mesh.size
+    per_device = train.runs_per_batch(static, program, n_runs, budget) // n_dev
+    everything = -(-n_runs // n_dev)
+    metrics = lambda k: k * program.evals_per_chunk * len(train.METRICS) * 4
+    points: list[tuple[int, int]] = []  # (runs per device, bytes it needs)
+    while True:
+        init, chunk = _compile(program, per_device * n_dev)
+        need = train.batch_bytes(init, chunk, metrics(per_device))
+        if need is None or static.train.max_runs_per_batch:
+            return per_device * n_dev, init, chunk, need
+        if need > budget and per_device == 1:
+            raise TooLarge(f"{where}: one run needs {train.human_bytes(need)} of device memory, more than the "
+                           f"budget of {train.human_bytes(budget)} per device (JAXGROK_MEMORY_BUDGET, or the device's limit)")
+        points.append((per_device, need))
+        if len(points) >= 2:
+            (n0, b0), (n1, b1) = points[-2:]
+            per_run = max((b1 - b0) / (n1 - n0), 1.0)
+            target = int((budget - (b1 - per_run * n1)) // per_run)
+        else:  # one point: fixed costs counted per run, an underestimate of what fits
+            target = int(budget // (need / per_device))
+            if need <= budget and target <= per_device < everything:
+                target = 2 * per_device  # a second size, to tell fixed costs from costs per run
+        target = max(1, min(everything, target))
+        if need <= budget and (target <= per_device or len(points) >= 4):
+            return per_device * n_dev, init, chunk, need
+        per_device = min(target, per_device - 1) if need > budget else target
+
+
 def train_sweep(
     sweep: Sweep,
     index: np.ndarray | None = None,
@@ -123,12 +180,16 @@ def train_sweep(
 ) -> SweepResult:
     """Train the runs `index` of a sweep (all by default) and return their curves and outcomes.
     `devices` and `vectorize` go to train.make_program. With a `store`, runs it already holds are
-    skipped, progress is checkpointed, and Interrupted is raised after a checkpoint on a signal."""
+    skipped, progress is checkpointed, and Interrupted is raised after a checkpoint on a signal.
+    A batch that runs out of device memory is halved and trained again (nothing finished is lost)."""
     static = sweep.static
     index = np.arange(sweep.n_runs) if index is None else np.asarray(index)
     program = train.make_program(static, devices, vectorize)
+    n_dev = program.sharding.mesh.size
+    start = time.perf_counter()
     # Sized from the whole request, not from what is left: the same on every restart.
-    per_batch = train.runs_per_batch(static, program, len(index))
+    per_batch, init, chunk, need = _fit(program, static, len(index), train.memory_budget(), sweep.path)
+    compile_s = time.perf_counter() - start  # timed apart from training
     batches, resume = _plan(sweep, index, per_batch, store)
     if not _agree(repr([b.tolist() for b in batches]) + str(resume)):
         # Processes saw different checkpoints: drop them all and start those runs afresh.
@@ -148,18 +209,12 @@ def train_sweep(
     done_curves: list[np.ndarray] = []
     done_energies: list[np.ndarray] = []
     trained_rows: list[np.ndarray] = []
-    compile_s, start = 0.0, time.perf_counter()
-    if batches:
-        # Compile both programs once, ahead of time, and time that apart from training.
-        hp = batch_hparams(batches[0])
-        init = program.init.lower(hp).compile()
-        chunk = program.chunk.lower(init(hp), hp, np.int32(0)).compile()
-        compile_s = time.perf_counter() - start
     start, trained_here = time.perf_counter(), 0
     total = sum(len(r) for r in batches) * static.train.steps  # over all processes
     finished = 0  # runs of finished batches, all processes
 
-    for b, rows in enumerate(batches):
+    def train_batch(b: int, rows: np.ndarray):
+        nonlocal trained_here
         hp = batch_hparams(rows)
         state = init(hp)
         local, _ = _local(hp.seed)  # the rows of the padded batch that this process holds
@@ -203,9 +258,29 @@ def train_sweep(
         if pending is not None:
             collect(*pending)
         pos, energies = _local(state.energies)  # the final spectrum: each run's key frequencies
-        energies = energies[np.isin(pos, mine)]
-        del state
-        curves, rows = curves[mine], rows[mine]  # with several processes, each keeps its own runs
+        return curves[mine], rows[mine], energies[np.isin(pos, mine)]  # with several processes, each keeps its own
+
+    b = 0
+    while b < len(batches):
+        try:
+            curves, rows, energies = train_batch(b, batches[b])
+        except Exception as error:  # XLA's out-of-memory error has no class of its own
+            if not _out_of_memory(error) or per_batch == n_dev:
+                raise
+            # Halve the batch, compile once more, and train this batch's runs and the rest again in
+            # the smaller batches; finished batches are kept (and a checkpoint of the failed one,
+            # sized for the old batch, is dropped).
+            per_batch = per_batch // n_dev // 2 * n_dev
+            t = time.perf_counter()
+            init, chunk = _compile(program, per_batch)
+            compile_s += time.perf_counter() - t
+            rest = np.concatenate(batches[b:])
+            batches = batches[:b] + [rest[k:k + per_batch] for k in range(0, len(rest), per_batch)]
+            if store is not None and resume and b == 0:
+                store.clear_checkpoints()
+            resume = False
+            need = None
+            continue
         if store is not None:
             named = {m: curves[..., i] for i, m in enumerate(train.METRICS)}
             outcomes = grokking.analyse(named, steps, static.grokking)
@@ -215,13 +290,15 @@ def train_sweep(
         done_energies.append(energies)
         trained_rows.append(rows)
         finished += len(batches[b])
+        b += 1
 
     trained = np.concatenate(trained_rows) if trained_rows else np.zeros(0, np.int64)
     all_curves = np.concatenate(done_curves) if done_curves else np.zeros((0, n_evals, len(train.METRICS)), np.float32)
     named = {m: all_curves[..., i] for i, m in enumerate(train.METRICS)}
     outcomes = grokking.analyse(named, steps, static.grokking)
     energies = np.concatenate(done_energies) if done_energies else np.zeros((0, 0), np.float32)
-    return SweepResult(sweep, trained, steps, named, outcomes, energies, compile_s, time.perf_counter() - start)
+    return SweepResult(sweep, trained, steps, named, outcomes, energies, compile_s, time.perf_counter() - start,
+                       per_batch, need)
 
 
 def params_at(sweep: Sweep, run: int, steps) -> dict[int, dict]:

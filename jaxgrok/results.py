@@ -34,6 +34,7 @@ RUNS_SCHEMA = pa.schema([
     ("grokfast_alpha", pa.float64()),
     ("n_train", pa.int32()),
     ("steps", pa.int64()),
+    ("precision", pa.string()),  # [train] precision: float32, tf32 or bfloat16
     ("t_train", pa.int64()),  # null: never memorised
     ("t_val", pa.int64()),  # null: censored
     ("delay", pa.int64()),
@@ -100,10 +101,12 @@ def _nullable(x: np.ndarray, typ) -> pa.Array:
 
 def upgrade_runs(table: pa.Table) -> pa.Table:
     """A runs table written before the later axes existed, with them at the values its runs had:
-    their defaults, and the minibatch order of the model seed. Such runs keep their run hash."""
-    from jaxgrok.sweep import LATER_AXES
+    their defaults, the minibatch order of the model seed, float32. Such runs keep their run hash."""
+    from jaxgrok.sweep import LATER_AXES, LATER_TRAIN
 
     n = table.num_rows
+    if "precision" not in table.column_names:
+        table = table.append_column("precision", pa.array([LATER_TRAIN["precision"]] * n, pa.string()))
     if "batch_seed" not in table.column_names:
         table = table.append_column("batch_seed", table.column("seed"))
     for axis, default in LATER_AXES.items():
@@ -121,6 +124,7 @@ def runs_table(sweep, index, outcomes, finals, key_freqs=None) -> pa.Table:
         **{a: pa.array(sweep.runs[a][index], RUNS_SCHEMA.field(a).type) for a in AXES},
         "n_train": pa.array(sweep.n_train[index], pa.int32()),
         "steps": pa.array(np.full(len(index), sweep.static.train.steps), pa.int64()),
+        "precision": pa.array([sweep.static.train.precision] * len(index), pa.string()),
         "t_train": _nullable(outcomes["t_train"], pa.int64()),
         "t_val": _nullable(outcomes["t_val"], pa.int64()),
         "delay": _nullable(outcomes["delay"], pa.int64()),

@@ -37,6 +37,9 @@ AXIS_DEFAULTS = {"seed": 0, "data_seed": 0, "init_scale": 1.0}
 # hash, so that runs which do not use them keep the hash (and the stored results) they had.
 LATER_AXES = {"init_noise": 0.0, "noise_seed": 0, "grokfast_lambda": 0.0, "grokfast_alpha": 0.98}
 AXIS_DEFAULTS |= LATER_AXES
+# Likewise [train] keys added later: left out of the run hash at their default.
+LATER_TRAIN = {"precision": "float32"}
+PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
 class SweepError(ValueError):
@@ -104,6 +107,10 @@ class TrainConfig:
     loss: str = field(default="auto", metadata=_check(lambda v: v in ("auto", "cross_entropy", "mse"), "must be auto, cross_entropy or mse"))
     chunk_steps: int = field(default=1000, metadata=_check(lambda v: v > 0, "must be > 0"))
     max_runs_per_batch: int = field(default=0, metadata=_check(lambda v: v >= 0, "must be ≥ 0 (0 = fit to memory)"))
+    # float32: true float32 matmuls (GPUs would otherwise use TF32); tf32: TensorFloat-32 matmuls;
+    # bfloat16: the forward and backward pass in bfloat16, parameters, optimizer state and losses
+    # in float32. Part of the run hash: a mixed-precision run is never mistaken for a float32 one.
+    precision: str = field(default="float32", metadata=_check(lambda v: v in PRECISIONS, "must be float32, tf32 or bfloat16"))
 
 
 @dataclass(frozen=True)
@@ -186,7 +193,8 @@ class Sweep:
     def run_hashes(self) -> list[str]:
         """A stable id per run: the hash of everything that determines its training (how the
         steps are cut into chunks and runs into batches does not)."""
-        train = {k: v for k, v in self.resolved["train"].items() if k not in ("chunk_steps", "max_runs_per_batch")}
+        train = {k: v for k, v in self.resolved["train"].items() if k not in ("chunk_steps", "max_runs_per_batch")
+                 and LATER_TRAIN.get(k, object()) != v}
         # The measures are in: a run's recorded columns depend on them (its training does not).
         static = json.dumps({"task": self.resolved["task"], "model": self.resolved["model"], "train": train,
                              "measures": self.resolved["measures"]}, sort_keys=True)

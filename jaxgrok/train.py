@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgrok import grokfast, measures, models, tasks
-from jaxgrok.sweep import SEED_AXES, Static, Sweep
+from jaxgrok.sweep import SEED_AXES, Static, Sweep, SweepError
 
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")
 METRICS = CURVES + measures.COLUMNS  # one row of a chunk's metrics per evaluation
@@ -75,6 +75,35 @@ def hparams_for(sweep: Sweep, index: np.ndarray) -> Hparams:
                       if f != "n_train"}, n_train=sweep.n_train[index].astype(np.int32))
 
 
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+
+def matmul_precision(precision: str):
+    """The matmul precision of float32 operands while the program is traced. "float32" asks for
+    true float32 explicitly: by default JAX lets recent GPUs use TF32 (and TPUs bfloat16 passes)."""
+    return jax.default_matmul_precision("tensorfloat32" if precision == "tf32" else "float32")
+
+
+def with_precision(model: models.Model, precision: str) -> models.Model:
+    """The model computing in `precision`: for bfloat16, the forward pass (and so its backward pass)
+    on bfloat16 copies of the float32 parameters, the logits back in float32 for the losses. The
+    gradient reaches the float32 parameters through the cast; the optimizer never sees bfloat16."""
+    if precision != "bfloat16":
+        return model
+
+    def apply(params, pairs):
+        return model.apply(jax.tree.map(lambda w: w.astype(jnp.bfloat16), params), pairs).astype(jnp.float32)
+
+    return model._replace(apply=apply)
+
+
+def abstract_hparams(n_runs: int, sharding) -> Hparams:
+    """The shapes and dtypes of a batch's Hparams (those of `hparams_for`), to compile for ahead."""
+    return Hparams(**{f: jax.ShapeDtypeStruct((n_runs,), np.int32 if f in SEED_AXES + ("n_train",) else np.float32,
+                                              sharding=sharding) for f in Hparams._fields})
+
+
 def evals_per_chunk(static: Static) -> int:
     """The largest divisor of the evaluation count that keeps a chunk within `chunk_steps`: every
     chunk then has the same length and the program compiles once."""
@@ -88,7 +117,7 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
     device, runs are vmapped (`vectorize`, the default on accelerators) or mapped one at a time
     (the default on CPU)."""
     table = tasks.make_table(static.task)
-    model = models.build(static.model, table.n_symbols, table.n_classes)
+    model = with_precision(models.build(static.model, table.n_symbols, table.n_classes), static.train.precision)
     inputs, targets = jnp.asarray(table.inputs), jnp.asarray(table.targets)
     n_pairs, n_train_max, cfg = len(table.targets), static.n_train_max, static.train
     n_evals = evals_per_chunk(static)
@@ -115,6 +144,10 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
     n_freqs = measures.n_frequencies(static, table.n_symbols)
 
     def init_run(hp: Hparams) -> RunState:
+        with matmul_precision(cfg.precision):
+            return _init_run(hp)
+
+    def _init_run(hp: Hparams) -> RunState:
         k_init, _ = jax.random.split(jax.random.key(hp.seed))
         _, k_batch = jax.random.split(jax.random.key(hp.batch_seed))  # = the model seed's by default
         # A perturbation ε·(an independent draw of the same initializer): relative to each tensor's own
@@ -199,6 +232,10 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None) ->
 
     def chunk_run(state: RunState, hp: Hparams, first_eval):
         TRACES["chunk"] += 1  # runs at trace time only
+        with matmul_precision(cfg.precision):
+            return _chunk_run(state, hp, first_eval)
+
+    def _chunk_run(state: RunState, hp: Hparams, first_eval):
 
         def block(state, eval_index):
             state = jax.lax.fori_loop(0, cfg.eval_every, lambda _, s: train_step(s, hp), state)
@@ -243,21 +280,59 @@ def bytes_per_run(static: Static, program: Program) -> int:
     return 4 * (6 * n_params + 3 * activations) + 8 * n_pairs
 
 
-def device_memory(device) -> int:
-    """Bytes usable on one device: the accelerator's limit, or a share of host RAM on CPU."""
+def memory_budget() -> int:
+    """Bytes of one device that a batch may use: $JAXGROK_MEMORY_BUDGET if set (a number of bytes:
+    to share a GPU, or to test the fallback on CPU), else 85% of what the accelerator reports as its
+    limit, or an even share of 40% of host RAM among the CPU devices."""
+    if (forced := os.environ.get("JAXGROK_MEMORY_BUDGET")) is not None:
+        try:
+            value = float(forced)
+        except ValueError:
+            value = float("nan")
+        if not value >= 1:  # also refuses nan
+            raise SweepError(f"JAXGROK_MEMORY_BUDGET: must be a number of bytes ≥ 1, got {forced!r}")
+        return int(value)
+    device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] * 0.7)
+        return int(stats["bytes_limit"] * 0.85)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(ram * 0.4) // max(1, len(jax.local_devices()))
 
 
-def runs_per_batch(static: Static, program: Program, n_runs: int) -> int:
-    """Runs trained together: all of them if they fit, else what fits; a multiple of the devices."""
+def runs_per_batch(static: Static, program: Program, n_runs: int, budget: int) -> int:
+    """The first guess at the runs trained together, from the analytic estimate: all of them if
+    they fit, else what fits; a multiple of the devices. (The engine then corrects it with what XLA
+    says the compiled program needs.)"""
     n_dev = program.sharding.mesh.size
     if static.train.max_runs_per_batch:
         per_device = max(1, static.train.max_runs_per_batch // n_dev)
     else:
-        per_device = max(1, device_memory(jax.local_devices()[0]) // bytes_per_run(static, program))
+        per_device = max(1, budget // bytes_per_run(static, program))
     per_device = min(per_device, -(-n_runs // n_dev))
     return per_device * n_dev
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def batch_bytes(init, chunk, metrics_bytes: int) -> int | None:
+    """Bytes one device needs for a batch, from XLA's analysis of the compiled programs: arguments,
+    outputs (less what donation aliases) and temporaries of the larger of `init` and `chunk`, plus
+    `metrics_bytes` for the next chunk's metrics, which are allocated before this chunk's are read.
+    None where the backend does not report it."""
+    needs = []
+    for compiled in (init, chunk):
+        try:
+            m = compiled.memory_analysis()
+        except (NotImplementedError, RuntimeError):
+            return None
+        if m is None:
+            return None
+        needs.append(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                     + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+    return max(needs) + metrics_bytes
