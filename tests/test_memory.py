@@ -11,6 +11,7 @@ from jaxgrok.store import Store
 from jaxgrok.sweep import sweep_from_dict
 
 SWEEP = {"seed": {"count": 24}, "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.5}
+OFF = {"dist_from_init": False, "fourier": False, "circularity": False, "restricted_loss": False}  # faster compiles
 
 
 def _curves(result):
@@ -26,7 +27,8 @@ def _bytes_for(sweep, runs_per_device: int) -> int:
 
 @pytest.fixture(scope="module")
 def sweep():
-    return sweep_from_dict(make_raw(train={"steps": 100, "eval_every": 50, "chunk_steps": 50}, sweep=SWEEP), "tiny.toml")
+    return sweep_from_dict(make_raw(train={"steps": 100, "eval_every": 50, "chunk_steps": 50}, sweep=SWEEP, measures=OFF),
+                           "tiny.toml")
 
 
 @pytest.fixture(scope="module")
