@@ -102,10 +102,13 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
     """The batches to train: a checkpointed batch first (exactly its runs), then the pending runs."""
     todo = index if store is None else store.pending(index)
     batches, resume = [], False
-    if store is not None and (hashes := store.checkpointed_hashes()):
+    if store is not None and (saved := store.checkpointed_batch()):
+        hashes, saved_batch = saved
         position = {h: i for i, h in enumerate(sweep.run_hashes)}
         rows = np.array([position.get(h, -1) for h in hashes])
-        if len(rows) <= per_batch and (rows >= 0).all() and np.isin(rows, todo).all():
+        # The saved arrays hold a whole padded batch: only a batch of that size can take them back.
+        if (len(rows) <= per_batch and saved_batch in (None, per_batch) and (rows >= 0).all()
+                and np.isin(rows, todo).all()):
             batches.append(rows)
             todo = todo[~np.isin(todo, rows)]
             resume = True
@@ -136,6 +139,11 @@ def _compile(program: train.Program, per_batch: int):
     return init, chunk
 
 
+def _metrics_bytes(program: train.Program, runs_per_device: int) -> int:
+    """The bytes of one chunk's metrics on a device."""
+    return runs_per_device * program.evals_per_chunk * len(train.METRICS) * 4
+
+
 def _fit(program: train.Program, static, n_runs: int, budget: int, where: str = "sweep"):
     """(runs per batch, compiled init, compiled chunk, bytes per device) for batches that fit in
     `budget` bytes per device. The analytic estimate gives a first size; then what XLA says the
@@ -145,11 +153,10 @@ def _fit(program: train.Program, static, n_runs: int, budget: int, where: str = 
     n_dev = program.sharding.mesh.size
     per_device = train.runs_per_batch(static, program, n_runs, budget) // n_dev
     everything = -(-n_runs // n_dev)
-    metrics = lambda k: k * program.evals_per_chunk * len(train.METRICS) * 4
     points: list[tuple[int, int]] = []  # (runs per device, bytes it needs)
     while True:
         init, chunk = _compile(program, per_device * n_dev)
-        need = train.batch_bytes(init, chunk, metrics(per_device))
+        need = train.batch_bytes(init, chunk, _metrics_bytes(program, per_device))
         if need is None or static.train.max_runs_per_batch:
             return per_device * n_dev, init, chunk, need
         if need > budget and per_device == 1:
@@ -274,12 +281,12 @@ def train_sweep(
             t = time.perf_counter()
             init, chunk = _compile(program, per_batch)
             compile_s += time.perf_counter() - t
+            need = train.batch_bytes(init, chunk, _metrics_bytes(program, per_batch // n_dev))
             rest = np.concatenate(batches[b:])
             batches = batches[:b] + [rest[k:k + per_batch] for k in range(0, len(rest), per_batch)]
             if store is not None and resume and b == 0:
                 store.clear_checkpoints()
             resume = False
-            need = None
             continue
         if store is not None:
             named = {m: curves[..., i] for i, m in enumerate(train.METRICS)}

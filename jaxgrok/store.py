@@ -103,7 +103,8 @@ class Store:
         state = state._replace(key=jax.random.key_data(state.key))  # typed keys: store their data
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"state": state, "curves": curves}),
-            cursor=ocp.args.JsonSave({"run_hashes": run_hashes, "chunks_done": chunks_done})))
+            cursor=ocp.args.JsonSave({"run_hashes": run_hashes, "chunks_done": chunks_done,
+                                      "runs_per_batch": int(curves.shape[0])})))
         self.manager.wait_until_finished()
 
     def _newest_readable(self, args, report: bool):
@@ -131,12 +132,13 @@ class Store:
         state = got.state["state"]
         return state._replace(key=jax.random.wrap_key_data(state.key)), got.state["curves"], got.cursor["chunks_done"]
 
-    def checkpointed_hashes(self) -> list[str] | None:
-        """The runs of the batch in progress, read from the newest checkpoint's cursor."""
+    def checkpointed_batch(self) -> tuple[list[str], int | None] | None:
+        """(the runs of the batch in progress, the padded batch size it was saved with: None in
+        checkpoints from before it was recorded), read from the newest checkpoint's cursor."""
         import orbax.checkpoint as ocp
 
         got = self._newest_readable(ocp.args.Composite(cursor=ocp.args.JsonRestore()), report=False)
-        return None if got is None else got.cursor["run_hashes"]
+        return None if got is None else (got.cursor["run_hashes"], got.cursor.get("runs_per_batch"))
 
     def clear_checkpoints(self) -> None:
         for step in self.manager.all_steps():

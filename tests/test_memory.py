@@ -22,7 +22,7 @@ def _bytes_for(sweep, runs_per_device: int) -> int:
     """What XLA says a batch of `runs_per_device` runs on each of the 8 devices needs."""
     program = train.make_program(sweep.static)
     init, chunk = engine._compile(program, 8 * runs_per_device)
-    return train.batch_bytes(init, chunk, runs_per_device * program.evals_per_chunk * len(train.METRICS) * 4)
+    return train.batch_bytes(init, chunk, engine._metrics_bytes(program, runs_per_device))
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,31 @@ def test_a_run_larger_than_the_budget_is_refused_in_one_line(tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "JAXGROK_MEMORY_BUDGET" in err and "'lots'" in err
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_checkpoint_of_another_batch_size_is_not_restored(sweep):
+    """After a halving, a checkpoint holds arrays for 8 runs: a batch of 16 cannot take them back."""
+
+    class Saved:
+        cleared = False
+
+        def __init__(self, saved_batch):
+            self.saved_batch = saved_batch
+
+        def pending(self, index):
+            return index
+
+        def checkpointed_batch(self):
+            return [sweep.run_hashes[i] for i in (3, 4)], self.saved_batch
+
+        def clear_checkpoints(self):
+            self.cleared = True
+
+    index = np.arange(24)
+    for saved_batch, resumed in ((16, True), (None, True), (8, False)):
+        store = Saved(saved_batch)
+        batches, resume = engine._plan(sweep, index, 16, store)
+        assert resume == resumed and store.cleared == (not resumed)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(24))  # every run planned once
+        if resumed:
+            assert batches[0].tolist() == [3, 4]
