@@ -100,7 +100,7 @@ def cmd_run(args) -> int:
     from jaxgrok import engine, train
     from jaxgrok.store import Interrupted, Store
 
-    train.memory_budget()  # a bad JAXGROK_MEMORY_BUDGET is refused before anything is written
+    train.check_fits(sweep, train.memory_budget())  # before anything is written
 
     out = Path(args.out) if args.out else Path("results") / sweep.name
     me, n_proc = jax.process_index(), jax.process_count()
@@ -188,8 +188,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes get one line and exit 2, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxgrok", description=__doc__)
+    parser = _Parser(prog="jaxgrok", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train every run of a sweep file and write Parquet results")
@@ -200,9 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--no-analyze", action="store_true", help="skip the statistics, figures and report")
     run.add_argument("--restart", action="store_true", help="discard what DIR holds and start over")
-    run.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+    run.add_argument("--checkpoint-every", type=_positive, default=10, metavar="N",
                      help="checkpoint the batch in progress every N chunks (and on SIGTERM/SIGINT)")
-    run.add_argument("--shard", metavar="I/N", help="train every N-th run from the I-th (job arrays, no coordinator)")
+    run.add_argument("--shard", metavar="I/N", type=str, help="train every N-th run from the I-th (job arrays, no coordinator)")
     run.add_argument("--distributed", action="store_true",
                      help="one sweep over every device of every process (jax.distributed; SLURM and Cloud TPU auto-detected)")
     run.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0's address")

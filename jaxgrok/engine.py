@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxgrok import grokking, measures, results, train
 from jaxgrok.store import Interrupted, Store
-from jaxgrok.sweep import Sweep, SweepError
+from jaxgrok.sweep import Sweep
 
 
 @dataclass
@@ -118,10 +118,6 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
     return batches, resume
 
 
-class TooLarge(SweepError):
-    """Not even one run per device fits in the device's memory budget; the message is one line."""
-
-
 def _out_of_memory(error: Exception) -> bool:
     """Whether an XLA error says the device ran out of memory (at allocation or while running)."""
     text = str(error)
@@ -160,7 +156,7 @@ def _fit(program: train.Program, static, n_runs: int, budget: int, where: str = 
         if need is None or static.train.max_runs_per_batch:
             return per_device * n_dev, init, chunk, need
         if need > budget and per_device == 1:
-            raise TooLarge(f"{where}: one run needs {train.human_bytes(need)} of device memory, more than the "
+            raise train.TooLarge(f"{where}: one run needs {train.human_bytes(need)} of device memory, more than the "
                            f"budget of {train.human_bytes(budget)} per device (JAXGROK_MEMORY_BUDGET, or the device's limit)")
         points.append((per_device, need))
         if len(points) >= 2:

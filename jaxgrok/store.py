@@ -44,12 +44,31 @@ class Store:
         self.hashes = sweep.run_hashes
         self.stop_signal: int | None = None
         if restart:
-            for p in (self.parts, self.out / "checkpoints", self.out / "runs.parquet", self.out / "curves.parquet"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            self._remove_own_files()
         self.parts.mkdir(parents=True, exist_ok=True)
         for tmp in self.parts.glob(".*.tmp"):  # a part a crash left half-written: never committed
             tmp.unlink()
         self._manager = None
+
+    def _remove_own_files(self) -> None:
+        """--restart: delete what jaxgrok wrote here and nothing else: its part files, its orbax
+        step directories (named by their step number), and runs/curves.parquet where they carry
+        jaxgrok's metadata. Anything else in the directory stays."""
+        for pattern in ("runs-*.parquet", "curves-*.parquet", ".*.tmp"):
+            for f in self.parts.glob(pattern):
+                f.unlink()
+        checkpoints = self.out / "checkpoints"
+        for folder in [checkpoints, *(checkpoints.glob("s*of*") if checkpoints.is_dir() else [])]:
+            for step in folder.glob("*") if folder.is_dir() else []:
+                if step.is_dir() and step.name.isdigit():
+                    shutil.rmtree(step)
+        for name in ("runs", "curves"):
+            path = self.out / f"{name}.parquet"
+            if path.is_file() and _is_jaxgrok_table(path, name):
+                path.unlink()
+        for folder in sorted(checkpoints.glob("s*of*"), reverse=True) if checkpoints.is_dir() else []:
+            _rmdir_if_empty(folder)
+        _rmdir_if_empty(checkpoints)
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -170,6 +189,18 @@ class Store:
         results.write_atomic(runs_t, self.out / "runs.parquet")
         results.write_atomic(curves_t, self.out / "curves.parquet")
         return runs_t.num_rows
+
+
+def _is_jaxgrok_table(path: Path, kind: str) -> bool:
+    try:
+        return (pq.read_schema(path).metadata or {}).get(results.KIND_KEY) == kind.encode()
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _reindex(table: pa.Table, position: dict[str, int]) -> pa.Table:

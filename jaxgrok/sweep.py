@@ -11,10 +11,13 @@ named together in `zip` vary together instead.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import itertools
 import json
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,25 @@ AXIS_DEFAULTS |= LATER_AXES
 # Likewise [train] keys added later: left out of the run hash at their default.
 LATER_TRAIN = {"precision": "float32"}
 PRECISIONS = ("float32", "tf32", "bfloat16")
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # a folder name under results/, nowhere else
+MAX_STEPS = 10**9
+MAX_EVALUATIONS = 10**6  # per run: the curves are kept on the host
+
+
+def max_runs() -> int:
+    """The most runs one sweep may have: $JAXGROK_MAX_RUNS, or a million."""
+    text = os.environ.get("JAXGROK_MAX_RUNS", "1000000")
+    if not text.isdigit() or int(text) < 1:
+        raise SweepError(f"JAXGROK_MAX_RUNS: must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _safe_name(stem: str) -> str:
+    """A file's stem as a default sweep name: characters outside the safe set become _."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:100].lstrip(".")
+    return name or "sweep"
 
 
 class SweepError(ValueError):
@@ -278,6 +300,8 @@ def _axis_values(name, value, where) -> list:
         count, start = value["count"], value.get("start", 0)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (count, start)):
             raise SweepError(f"{where}: count and start must be integers")
+        if count > max_runs():
+            raise SweepError(f"{where}: count: {count:,} runs, more than the maximum of {max_runs():,} (JAXGROK_MAX_RUNS)")
         values = list(range(start, start + count))
     else:
         values = value if isinstance(value, list) else [value]
@@ -322,6 +346,8 @@ def _expand(table: dict, where: str) -> dict[str, np.ndarray]:
     groups: list[tuple[str, ...]] = []
     zipped: set[str] = set()
     for z in zips:
+        if not z:
+            raise SweepError(f"{where}.zip: an empty group")
         for a in z:
             if a not in AXES:
                 raise SweepError(f"{where}.zip: {a!r} is not an axis")
@@ -335,6 +361,9 @@ def _expand(table: dict, where: str) -> dict[str, np.ndarray]:
     groups += [(a,) for a in AXES if a not in zipped]
     # Enumerate in AXES order so that the seeds of a cell sit next to each other.
     groups.sort(key=lambda g: min(AXES.index(a) for a in g))
+    n_runs = int(np.prod([len(values[g[0]]) for g in groups], dtype=object))
+    if n_runs > max_runs():
+        raise SweepError(f"{where}: {n_runs:,} runs, more than the maximum of {max_runs():,} (JAXGROK_MAX_RUNS)")
     per_group = [list(zip(*(values[a] for a in g))) for g in groups]
     cols: dict[str, list] = {a: [] for a in AXES}
     for combo in itertools.product(*per_group):
@@ -379,6 +408,8 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
         key = key.strip()
         if not sep or not key:
             raise SweepError(f"{where}: --set {item}: expected KEY=VALUE")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?", key):
+            raise SweepError(f"{where}: --set {item}: KEY is NAME or TABLE.NAME (letters, digits, _)")
         if "." in key:
             table, key = key.split(".", 1)
         elif key in ("name", "paper", "description"):
@@ -393,6 +424,45 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
         if not isinstance(target, dict):
             raise SweepError(f"{where}: --set {table}.{key}: {table} is not a table")
         target[key] = _parse_value(text)
+        _no_dates(target[key], f"{where}: --set {key}")
+    return raw
+
+
+def _no_dates(value, where: str) -> None:
+    """TOML has dates and times; no key of a sweep takes one."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        raise SweepError(f"{where}: must not be a date or a time, got {value.isoformat()}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _no_dates(v, f"{where}.{k}" if where else k)
+    elif isinstance(value, list):
+        for v in value:
+            _no_dates(v, where)
+
+
+def read_toml(path: Path) -> dict:
+    """A TOML file as a dict; every way it can fail is one SweepError line naming the file."""
+    where = str(path)
+    if not path.exists():
+        raise SweepError(f"{where}: no such file")
+    if not path.is_file():  # a directory, a FIFO (reading it would block), a device
+        raise SweepError(f"{where}: not a regular file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise SweepError(f"{where}: cannot read ({e.strerror})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib says where, not what (a duplicate key is "Cannot overwrite a value"): show the line.
+        line = re.search(r"line (\d+)", str(e))
+        shown = ""
+        if line and 0 < int(line.group(1)) <= len(text.splitlines()):
+            shown = f": {text.splitlines()[int(line.group(1)) - 1].strip()[:80]!r}"
+        raise SweepError(f"{where}: not valid TOML ({e}){shown}") from None
+    _no_dates(raw, "")
     return raw
 
 
@@ -401,13 +471,13 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     path = Path(path)
     where = str(path)
     try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"{where}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise SweepError(f"{where}: not valid TOML ({e})") from None
+        raw = read_toml(path)
+    except SweepError as e:
+        if str(e).startswith(where):
+            raise
+        raise SweepError(f"{where}: {e}") from None  # a date: name the file too
     raw = apply_overrides(raw, list(overrides), where)
-    return sweep_from_dict(raw, where, default_name=path.stem)
+    return sweep_from_dict(raw, where, default_name=_safe_name(path.stem))
 
 
 def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "sweep") -> Sweep:
@@ -421,6 +491,10 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
     for key in ("name", "paper", "description"):
         if key in raw and not isinstance(raw[key], str):
             raise SweepError(f"{where}: {key}: must be a string, got {raw[key]!r}")
+    if "name" in raw and not SAFE_NAME.fullmatch(raw["name"]):
+        # The name is the default output folder: never a path, never hidden.
+        raise SweepError(f"{where}: name: letters, digits, '-', '_' and '.' only, not starting with '.', "
+                         f"at most 100; got {raw['name']!r}")
 
     task = _build(TaskConfig, raw["task"], f"{where}: task")
     if task.op in tasks.MODULAR_OPS:
@@ -434,13 +508,18 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
     model_raw = raw["model"]
     if not isinstance(model_raw, dict) or "kind" not in model_raw:
         raise SweepError(f"{where}: model.kind: missing required key")
-    if model_raw["kind"] not in MODELS:
+    if not isinstance(model_raw["kind"], str) or model_raw["kind"] not in MODELS:
         raise SweepError(f"{where}: model.kind: unknown model {model_raw['kind']!r}; one of {', '.join(MODELS)}")
     model = _build(MODELS[model_raw["kind"]], model_raw, f"{where}: model")
     if model.kind == "transformer" and model.d_model % model.n_heads:
         raise SweepError(f"{where}: model.n_heads: must divide d_model ({model.d_model}), got {model.n_heads}")
 
     train = _build(TrainConfig, raw["train"], f"{where}: train")
+    if train.steps > MAX_STEPS:
+        raise SweepError(f"{where}: train.steps: at most {MAX_STEPS:,}, got {train.steps:,}")
+    if train.steps // train.eval_every > MAX_EVALUATIONS:
+        raise SweepError(f"{where}: train.eval_every: {train.steps:,} steps / {train.eval_every} = "
+                         f"{train.steps // train.eval_every:,} evaluations per run, more than {MAX_EVALUATIONS:,}")
     if train.steps % train.eval_every:
         raise SweepError(f"{where}: train.steps: must be a multiple of eval_every ({train.eval_every}), got {train.steps}")
     grokking = _build(GrokkingConfig, raw.get("grokking", {}), f"{where}: grokking")
@@ -457,6 +536,8 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
                                    circularity=measures.circularity and modular,
                                    restricted_loss=measures.restricted_loss and task.op in tasks.SUM_OPS)
 
+    if tasks.n_pairs(task) >= 2**31:  # operand ids and pair indices are int32
+        raise SweepError(f"{where}: task.p: a table of {tasks.n_pairs(task):,} pairs, more than 2³¹")
     runs = _expand(raw["sweep"], f"{where}: sweep")
     n_pairs = tasks.n_pairs(task)
     sizes = n_train(runs["train_fraction"], n_pairs)

@@ -280,6 +280,28 @@ def bytes_per_run(static: Static, program: Program) -> int:
     return 4 * (6 * n_params + 3 * activations) + 8 * n_pairs
 
 
+class TooLarge(SweepError):
+    """Not even one run per device fits in the device's memory budget; the message is one line."""
+
+
+def least_bytes_per_run(static: Static) -> int:
+    """What one run needs at the very least, counted without building anything: its parameters,
+    initial parameters and two AdamW moments (16 bytes a parameter), and the logits of an
+    evaluation over the whole table."""
+    n = tasks.n_symbols(static.task)
+    model = models.build(static.model, n, n)
+    n_params = models.n_params(jax.eval_shape(model.init, jax.random.key(0)))
+    return 16 * n_params + 4 * tasks.n_pairs(static.task) * n
+
+
+def check_fits(sweep: Sweep, budget: int) -> None:
+    """Refuse, before anything is built or written, a sweep of which not one run can fit."""
+    least = least_bytes_per_run(sweep.static)
+    if least > budget:
+        raise TooLarge(f"{sweep.path}: one run needs at least {human_bytes(least)} (parameters, optimizer state and "
+                       f"the evaluation's logits), more than the budget of {human_bytes(budget)} per device")
+
+
 def memory_budget() -> int:
     """Bytes of one device that a batch may use: $JAXGROK_MEMORY_BUDGET if set (a number of bytes:
     to share a GPU, or to test the fallback on CPU), else 85% of what the accelerator reports as its

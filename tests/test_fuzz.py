@@ -1,0 +1,193 @@
+"""Every key of a sweep file, every kind of value: a sweep or one line naming the file and the key.
+
+The generator writes the quick-start file with one key replaced at a time, over every key that the
+configuration tables and the sweep know (not only those the file has), with values of every kind
+TOML can hold: integers small, negative and huge, floats finite and not, booleans, strings, lists,
+tables, dates and times. In-process and without training, so it stays fast; grow KINDS and the
+special cases below as new causes turn up.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from jaxgrok import sweep as S, train
+from jaxgrok.cli import main
+
+BASE = tomllib.loads(Path(__file__).parent.parent.joinpath("sweeps/quickstart.toml").read_text())
+KINDS = [0, -1, 1, 7, 10**18, 2**61 - 1, 0.5, -0.5, 1e308, float("inf"), float("-inf"), float("nan"), True, False,
+         "", "x", "mlp", "x/y", "../x", [], [1], [0.5, 2.0], ["mlp"], [[1]], [[]], {}, {"a": 1}, {"count": 0},
+         {"count": -1}, {"count": 10**7}, {"count": 4, "start": -1},
+         "RAW:1979-05-27", "RAW:1979-05-27T07:32:00Z", "RAW:07:32:00", "RAW:1979-05-27T07:32:00"]
+
+
+def _keys():
+    tables = {"task": S.TaskConfig, "train": S.TrainConfig, "grokking": S.GrokkingConfig, "measures": S.MeasuresConfig}
+    out = [(None, k) for k in ("name", "paper", "description")]
+    for table, cls in tables.items():
+        out += [(table, f.name) for f in dataclasses.fields(cls)]
+    out += sorted({("model", f.name) for cls in S.MODELS.values() for f in dataclasses.fields(cls)})
+    out += [("sweep", a) for a in S.AXES + ("zip",)]
+    return out
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+    if isinstance(v, str):
+        return v[4:] if v.startswith("RAW:") else json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def _write(path: Path, raw: dict) -> Path:
+    lines = [f"{k} = {_toml(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    for table, body in raw.items():
+        if isinstance(body, dict):
+            lines += [f"[{table}]"] + [f"{k} = {_toml(v)}" for k, v in body.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _assert_one_line(error: S.SweepError, path, *names):
+    msg = str(error)
+    assert "\n" not in msg and msg.startswith(str(path)), msg
+    assert any(n in msg for n in names), f"{names} not named in: {msg}"
+
+
+def test_every_key_with_every_kind_of_value(tmp_path):
+    path, failures, n_ok = tmp_path / "s.toml", [], 0
+    for table, key in _keys():
+        for value in KINDS:
+            raw = json.loads(json.dumps(BASE))
+            (raw if table is None else raw.setdefault(table, {}))[key] = value
+            _write(path, raw)
+            try:
+                sweep = S.load_sweep(path)
+                train.least_bytes_per_run(sweep.static)  # the size check before anything is built
+                n_ok += 1
+            except S.SweepError as e:
+                try:
+                    _assert_one_line(e, path, key)
+                except AssertionError as bad:
+                    failures.append(f"{table}.{key} = {value!r}: {bad}")
+            except Exception as e:  # noqa: BLE001 - anything else is the failure we look for
+                failures.append(f"{table}.{key} = {value!r}: {type(e).__name__}: {e}")
+    assert not failures, f"{len(failures)} variants failed:\n" + "\n".join(failures[:20])
+    assert n_ok > 100  # the generator also makes valid files: the checks do not refuse everything
+
+
+@pytest.mark.parametrize("text,named", [
+    ('name = "a"\nname = "b"\n', "name = "),  # a duplicate key: tomllib does not name it, the line does
+    ("name = 1979-05-27\n", "name"),
+    ("[task\n", "[task"),
+])
+def test_toml_that_does_not_parse_or_holds_a_date(tmp_path, text, named):
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    with pytest.raises(S.SweepError) as e:
+        S.load_sweep(path)
+    _assert_one_line(e.value, path, named)
+
+
+def test_files_that_are_not_sweep_files(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # reading it would block forever
+    for path, problem in ((latin1, "not UTF-8"), (tmp_path, "not a regular file"), (fifo, "not a regular file"),
+                          (tmp_path / "missing.toml", "no such file")):
+        with pytest.raises(S.SweepError, match=problem) as e:
+            S.load_sweep(path)
+        _assert_one_line(e.value, path, problem)
+
+
+@pytest.mark.parametrize("override,named", [
+    (".steps=5", ".steps"), ("steps..x=5", "steps..x"), ("train=1", "train"), ("model.kind=[1]", "model.kind"),
+    ("steps=1979-05-27", "steps"), ("zip=[[]]", "zip"), ("nope=1", "nope"),
+])
+def test_overrides(override, named):
+    path = "sweeps/quickstart.toml"
+    with pytest.raises(S.SweepError) as e:
+        S.load_sweep(path, [override])
+    _assert_one_line(e.value, path, named)
+
+
+def test_an_override_on_a_table_that_is_a_string(tmp_path):
+    raw = json.loads(json.dumps(BASE))
+    raw["task"] = "x+y"  # a string where a table belongs
+    path = _write(tmp_path / "s.toml", raw)
+    with pytest.raises(S.SweepError, match="task is not a table") as e:
+        S.load_sweep(path, ["task.p=5"])
+    _assert_one_line(e.value, path, "task")
+    with pytest.raises(S.SweepError, match="task: must be a table"):
+        S.load_sweep(path)
+
+
+@pytest.mark.parametrize("override,limit", [
+    ("task.p=1000003", "2³¹"),  # 10¹² pairs
+    ("task.p=20011", "budget"),  # one run's logits alone need more than the device
+    ("model.d_hidden=1000000000", "budget"),
+    ("sweep.seed={count=10000000}", "JAXGROK_MAX_RUNS"),
+    ("steps=1000000000000000000", "at most"),
+])
+def test_sizes_that_cannot_fit_are_refused_up_front(tmp_path, capsys, override, limit):
+    out = tmp_path / "out"
+    assert main(["run", "sweeps/quickstart.toml", "--set", override, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sweeps/quickstart.toml" in err and limit in err, err
+    assert not out.exists()
+
+
+def test_a_large_prime_modulus_is_checked_quickly():
+    # 2⁶¹ − 1 is prime; trial division would take minutes. Refused for its size, not hung on.
+    with pytest.raises(S.SweepError, match="2³¹"):
+        S.load_sweep("sweeps/quickstart.toml", ["task.op=x/y", f"task.p={2**61 - 1}"])
+    with pytest.raises(S.SweepError, match="prime"):
+        S.load_sweep("sweeps/quickstart.toml", ["task.op=x/y", f"task.p={2**61 + 1}"])
+
+
+@pytest.mark.parametrize("args", [["--checkpoint-every", "0"], ["--checkpoint-every", "-2"], ["--shard", "-1/2"],
+                                  ["--shard=-1/2"], ["--shard", "2/2"], ["--bogus"]])
+def test_command_line_mistakes(tmp_path, capsys, args):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:  # argparse's own errors exit from inside the parser
+        code = main(["run", "sweeps/quickstart.toml", "--out", str(out), "--quiet", *args])
+        raise SystemExit(code)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", ".hidden", "a/b", "", "x" * 101, "a b"])
+def test_a_name_that_would_write_outside_results_is_refused(name):
+    with pytest.raises(S.SweepError, match="name: letters, digits"):
+        S.load_sweep("sweeps/quickstart.toml", [f"name={json.dumps(name)}"])
+
+
+def test_restart_deletes_only_what_jaxgrok_wrote(tmp_path):
+    from jaxgrok.store import Store
+
+    out = tmp_path / "mine"
+    sweep = S.load_sweep("sweeps/quickstart.toml")
+    Store(out, sweep)  # creates parts/
+    (out / "parts" / "runs-abc.parquet").write_bytes(b"x")
+    (out / "parts" / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "3").mkdir(parents=True)
+    (out / "checkpoints" / "keep").mkdir()
+    (out / "runs.parquet").write_text("not a jaxgrok table")
+    Store(out, sweep, restart=True)
+    assert not (out / "parts" / "runs-abc.parquet").exists() and not (out / "checkpoints" / "3").exists()
+    assert (out / "parts" / "notes.txt").read_text() == "mine"
+    assert (out / "checkpoints" / "keep").is_dir() and (out / "runs.parquet").exists()
