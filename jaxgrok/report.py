@@ -396,7 +396,8 @@ def write(results_dir: Path, cols, resolved, rows, keys, sens_rows, notes, curve
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(resolved['name'])}</h1><p><b>Follows:</b> {html.escape(resolved['paper'])}</p>
 <p>{html.escape(resolved.get('description', ''))}</p>
-<p>{len(cols['run_id'])} runs, {int((~cols['censored']).sum())} grokked, budget {int(cols['steps'].max())} steps.
+<p>{len(cols['run_id'])} runs, {int((~cols['censored']).sum())} grokked, budget {int(cols['steps'].max())} steps,
+computed in {html.escape(str(resolved['train'].get('precision', 'float32')))}.
 Grokking time t_val: first evaluation from which validation accuracy stays ≥ {resolved['grokking']['threshold']}.
 Runs that did not grok are right-censored at the budget (Kaplan–Meier); a median that is not reached is reported as such.</p>
 <h2>Cells</h2><table><tr>{head}</tr>{body}</table>
