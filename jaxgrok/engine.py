@@ -157,7 +157,7 @@ def _fit(program: train.Program, static, n_runs: int, budget: int, where: str = 
             return per_device * n_dev, init, chunk, need
         if need > budget and per_device == 1:
             raise train.TooLarge(f"{where}: one run needs {train.human_bytes(need)} of device memory, more than the "
-                           f"budget of {train.human_bytes(budget)} per device (JAXGROK_MEMORY_BUDGET, or the device's limit)")
+                                 f"budget of {train.human_bytes(budget)} per device (JAXGROK_MEMORY_BUDGET, or the device's limit)")
         points.append((per_device, need))
         if len(points) >= 2:
             (n0, b0), (n1, b1) = points[-2:]

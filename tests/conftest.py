@@ -1,5 +1,6 @@
 """Tests run on 8 simulated CPU devices, so sharding is exercised on every machine."""
 
+import json
 import os
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")  # must precede jax's initialisation
@@ -31,26 +32,31 @@ def make_raw(**sections):
 
 
 def toml_value(v) -> str:
+    """A value as TOML; a string "RAW:text" is written as the bare text (a TOML date or time)."""
     if isinstance(v, str):
-        return f'"{v}"'
+        return v[4:] if v.startswith("RAW:") else json.dumps(v, ensure_ascii=False)
     if isinstance(v, bool):
         return str(v).lower()
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    return repr(v)
+    return repr(v)  # ints, and floats: inf, -inf and nan are TOML too
 
 
-def write_sweep(path, **sections):
-    """make_raw(**sections) written as a TOML sweep file at `path`; returns the path."""
-    raw = make_raw(**sections)
+def write_raw(path, raw: dict):
+    """A sweep as a dict written as a TOML file at `path`; returns the path."""
     lines = [f"{k} = {toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
     for table, body in raw.items():
         if isinstance(body, dict):
             lines += [f"[{table}]"] + [f"{k} = {toml_value(v)}" for k, v in body.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_sweep(path, **sections):
+    """make_raw(**sections) written as a TOML sweep file at `path`; returns the path."""
+    return write_raw(path, make_raw(**sections))
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ special cases below as new causes turn up.
 
 import dataclasses
 import json
-import math
 import os
 import tomllib
 from pathlib import Path
@@ -18,6 +17,8 @@ import pytest
 
 from jaxgrok import sweep as S, train
 from jaxgrok.cli import main
+
+from conftest import write_raw
 
 BASE = tomllib.loads(Path(__file__).parent.parent.joinpath("sweeps/quickstart.toml").read_text())
 KINDS = [0, -1, 1, 7, 10**18, 2**61 - 1, 0.5, -0.5, 1e308, float("inf"), float("-inf"), float("nan"), True, False,
@@ -36,29 +37,6 @@ def _keys():
     return out
 
 
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
-    if isinstance(v, str):
-        return v[4:] if v.startswith("RAW:") else json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
-    return str(v)
-
-
-def _write(path: Path, raw: dict) -> Path:
-    lines = [f"{k} = {_toml(v)}" for k, v in raw.items() if not isinstance(v, dict)]
-    for table, body in raw.items():
-        if isinstance(body, dict):
-            lines += [f"[{table}]"] + [f"{k} = {_toml(v)}" for k, v in body.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def _assert_one_line(error: S.SweepError, path, *names):
     msg = str(error)
     assert "\n" not in msg and msg.startswith(str(path)), msg
@@ -71,7 +49,7 @@ def test_every_key_with_every_kind_of_value(tmp_path):
         for value in KINDS:
             raw = json.loads(json.dumps(BASE))
             (raw if table is None else raw.setdefault(table, {}))[key] = value
-            _write(path, raw)
+            write_raw(path, raw)
             try:
                 sweep = S.load_sweep(path)
                 train.least_bytes_per_run(sweep.static)  # the size check before anything is built
@@ -126,7 +104,7 @@ def test_overrides(override, named):
 def test_an_override_on_a_table_that_is_a_string(tmp_path):
     raw = json.loads(json.dumps(BASE))
     raw["task"] = "x+y"  # a string where a table belongs
-    path = _write(tmp_path / "s.toml", raw)
+    path = write_raw(tmp_path / "s.toml", raw)
     with pytest.raises(S.SweepError, match="task is not a table") as e:
         S.load_sweep(path, ["task.p=5"])
     _assert_one_line(e.value, path, "task")
