@@ -94,7 +94,7 @@ def compare(dir_a: str | Path, dir_b: str | Path) -> dict:
 
 
 def _fmt(x) -> str:
-    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:,.0f}"
+    return "not reached" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:,.0f}"
 
 
 def format_comparison(c: dict) -> str:

@@ -127,10 +127,8 @@ def _out_of_memory(error: Exception) -> bool:
 def _compile(program: train.Program, per_batch: int):
     """Both programs compiled ahead for batches of `per_batch` runs, from shapes alone: nothing is
     allocated on the device before we know that the batch fits."""
-    hp = train.abstract_hparams(per_batch, program.sharding)
+    hp, state = train.abstract_inputs(program, per_batch)
     init = program.init.lower(hp).compile()
-    state = jax.eval_shape(program.init, hp)
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=program.sharding), state)
     chunk = program.chunk.lower(state, hp, np.int32(0)).compile()
     return init, chunk
 

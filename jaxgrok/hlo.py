@@ -66,8 +66,7 @@ def compiled_ops(text: str) -> collections.Counter:
 def audit(sweep, n_runs: int = 8) -> dict:
     """The audit of a sweep's vmapped chunk for `n_runs` runs on one device of this backend."""
     program = train.make_program(sweep.static, jax.devices()[:1], vectorize=True)
-    hp = train.abstract_hparams(n_runs, program.sharding)
-    state = jax.eval_shape(program.init, hp)
+    hp, state = train.abstract_inputs(program, n_runs)
     lowered = program.chunk.lower(state, hp, np.int32(0))
     text = lowered.as_text()
     dots, over, batched = dots_over_runs(text, n_runs)

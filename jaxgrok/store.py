@@ -58,17 +58,16 @@ class Store:
             for f in self.parts.glob(pattern):
                 f.unlink()
         checkpoints = self.out / "checkpoints"
-        for folder in [checkpoints, *(checkpoints.glob("s*of*") if checkpoints.is_dir() else [])]:
-            for step in folder.glob("*") if folder.is_dir() else []:
-                if step.is_dir() and step.name.isdigit():
-                    shutil.rmtree(step)
+        # orbax's step directories, in checkpoints/ or a shard's checkpoints/sIofN/
+        for step in [*checkpoints.glob("[0-9]*"), *checkpoints.glob("s*of*/[0-9]*")]:
+            if step.is_dir() and step.name.split(".")[0].isdigit():  # a step, or one a kill left half-saved
+                shutil.rmtree(step)
         for name in ("runs", "curves"):
             path = self.out / f"{name}.parquet"
             if path.is_file() and _is_jaxgrok_table(path, name):
                 path.unlink()
-        for folder in sorted(checkpoints.glob("s*of*"), reverse=True) if checkpoints.is_dir() else []:
+        for folder in [*checkpoints.glob("s*of*"), checkpoints]:
             _rmdir_if_empty(folder)
-        _rmdir_if_empty(checkpoints)
 
     # -- signals ------------------------------------------------------------------------------
 

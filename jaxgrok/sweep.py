@@ -424,20 +424,20 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
         if not isinstance(target, dict):
             raise SweepError(f"{where}: --set {table}.{key}: {table} is not a table")
         target[key] = _parse_value(text)
-        _no_dates(target[key], f"{where}: --set {key}")
+        _no_dates(target[key], where, f"--set {key}")
     return raw
 
 
-def _no_dates(value, where: str) -> None:
-    """TOML has dates and times; no key of a sweep takes one."""
+def _no_dates(value, where: str, key: str = "") -> None:
+    """TOML has dates and times; no key of a sweep takes one. `where` names the file."""
     if isinstance(value, (datetime.date, datetime.time)):
-        raise SweepError(f"{where}: must not be a date or a time, got {value.isoformat()}")
+        raise SweepError(f"{where}: {key}: must not be a date or a time, got {value.isoformat()}")
     if isinstance(value, dict):
         for k, v in value.items():
-            _no_dates(v, f"{where}.{k}" if where else k)
+            _no_dates(v, where, f"{key}.{k}" if key else k)
     elif isinstance(value, list):
         for v in value:
-            _no_dates(v, where)
+            _no_dates(v, where, key)
 
 
 def read_toml(path: Path) -> dict:
@@ -462,22 +462,15 @@ def read_toml(path: Path) -> dict:
         if line and 0 < int(line.group(1)) <= len(text.splitlines()):
             shown = f": {text.splitlines()[int(line.group(1)) - 1].strip()[:80]!r}"
         raise SweepError(f"{where}: not valid TOML ({e}){shown}") from None
-    _no_dates(raw, "")
+    _no_dates(raw, where)
     return raw
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     """Read, override and validate a sweep file; every problem raises one SweepError line."""
     path = Path(path)
-    where = str(path)
-    try:
-        raw = read_toml(path)
-    except SweepError as e:
-        if str(e).startswith(where):
-            raise
-        raise SweepError(f"{where}: {e}") from None  # a date: name the file too
-    raw = apply_overrides(raw, list(overrides), where)
-    return sweep_from_dict(raw, where, default_name=_safe_name(path.stem))
+    raw = apply_overrides(read_toml(path), list(overrides), str(path))
+    return sweep_from_dict(raw, str(path), default_name=_safe_name(path.stem))
 
 
 def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "sweep") -> Sweep:

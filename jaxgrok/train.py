@@ -98,10 +98,13 @@ def with_precision(model: models.Model, precision: str) -> models.Model:
     return model._replace(apply=apply)
 
 
-def abstract_hparams(n_runs: int, sharding) -> Hparams:
-    """The shapes and dtypes of a batch's Hparams (those of `hparams_for`), to compile for ahead."""
-    return Hparams(**{f: jax.ShapeDtypeStruct((n_runs,), np.int32 if f in SEED_AXES + ("n_train",) else np.float32,
-                                              sharding=sharding) for f in Hparams._fields})
+def abstract_inputs(program: "Program", n_runs: int) -> tuple[Hparams, RunState]:
+    """The shapes, dtypes and shardings of a batch's Hparams (those of `hparams_for`) and RunState:
+    enough to lower and compile both programs ahead, with nothing allocated."""
+    sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=program.sharding)  # noqa: E731
+    hp = Hparams(**{f: sd((n_runs,), np.int32 if f in SEED_AXES + ("n_train",) else np.float32) for f in Hparams._fields})
+    state = jax.tree.map(lambda a: sd(a.shape, a.dtype), jax.eval_shape(program.init, hp))
+    return hp, state
 
 
 def evals_per_chunk(static: Static) -> int:

@@ -14,8 +14,7 @@ from jaxgrok.store import Store
 
 def _chunk_text(sweep) -> str:
     program = train.make_program(sweep.static, jax.devices()[:1])
-    hp = train.abstract_hparams(1, program.sharding)
-    state = jax.eval_shape(program.init, hp)
+    hp, state = train.abstract_inputs(program, 1)
     return program.chunk.lower(state, hp, np.int32(0)).as_text()
 
 
@@ -45,7 +44,7 @@ def test_bfloat16_trains_with_float32_state_is_written_as_such_and_compared(tiny
     sweeps = {p: tiny_sweep(train={"precision": p, "steps": 100, "eval_every": 50}, measures=off)
               for p in ("float32", "bfloat16")}
     program = train.make_program(sweeps["bfloat16"].static, jax.devices()[:1])
-    state = jax.eval_shape(program.init, train.abstract_hparams(1, program.sharding))
+    _, state = train.abstract_inputs(program, 1)
     floats = [x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
     assert floats and set(floats) == {np.dtype("float32")}  # parameters and optimizer state
     curves = {}
