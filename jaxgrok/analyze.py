@@ -364,7 +364,10 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
         schema = pa.schema(fields).with_metadata(results.metadata("grokfast", resolved))
         results.write_atomic(pa.Table.from_pylist(speedup, schema=schema), written["grokfast"])
     curves_path = results_dir / "curves.parquet"
-    curves = results.read(curves_path, "curves") if curves_path.exists() else None
+    curves = None
+    if curves_path.exists():
+        results.check_pair(results_dir / "runs.parquet", curves_path)
+        curves = results.read(curves_path, "curves")
     warn = None
     if curves is not None:
         warn, tables = early_warning(cols, curves, resolved, keys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -97,14 +98,53 @@ def cmd_run(args) -> int:
         _start_processes(args)
     import jax
 
-    from jaxgrok import engine, train
-    from jaxgrok.store import Interrupted, Store
+    from jaxgrok import lock, train
 
     train.check_fits(sweep, train.memory_budget())  # before anything is written
 
     out = Path(args.out) if args.out else Path("results") / sweep.name
-    me, n_proc = jax.process_index(), jax.process_count()
     shard_tag = f"s{shard}of{n_shards}" if n_shards > 1 else ""
+    created = not out.exists()
+    with contextlib.ExitStack() as held:
+        refused = None
+        if jax.process_index() == 0:  # the processes of one --distributed sweep share the directory
+            try:
+                held.enter_context(lock.holding(out, shard_tag))
+            except lock.InUse as e:
+                refused = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.process_allgather(np.array(refused is not None)).any():
+                refused = refused or lock.InUse(f"{out} is in use by another jaxgrok run (see process 0)")
+        if refused:
+            raise refused
+        try:
+            return _run(args, sweep, out, shard, n_shards, shard_tag)
+        except SweepError:  # refused after the directory was made (the compiled batch does not fit):
+            if created:  # leave no trace of this run
+                _remove_if_empty(out)
+            raise
+
+
+def _remove_if_empty(out: Path) -> None:
+    """Remove a results directory this run created, if it holds nothing but its lock and empty folders."""
+    for f in out.glob(".lock*"):
+        f.unlink()
+    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(out.iterdir()):
+        out.rmdir()
+
+
+def _run(args, sweep, out: Path, shard: int, n_shards: int, shard_tag: str) -> int:
+    import jax
+
+    from jaxgrok import engine
+    from jaxgrok.store import Interrupted, Store
+
+    me, n_proc = jax.process_index(), jax.process_count()
     tag = "-".join(t for t in (shard_tag, f"p{me}" if n_proc > 1 else "") if t)
     store = Store(out, sweep, restart=args.restart and me == 0, checkpoint_every=args.checkpoint_every,
                   tag=tag, shard_tag=shard_tag)
@@ -147,7 +187,11 @@ def cmd_run(args) -> int:
 def cmd_analyze(args) -> int:
     from jaxgrok.analyze import analyze
 
-    written = analyze(args.results_dir, args.x, args.y)
+    try:
+        written = analyze(args.results_dir, args.x, args.y)
+    except OSError as e:  # reading problems are ResultsErrors: this is a write
+        raise AnalysisError(f"{e.filename or args.results_dir}: {e.strerror or e}; the analysis writes stats.parquet, "
+                            "figures/ and report.html into the results directory") from None
     print(f"analysis: {written['report']} (stats.parquet, figures/)")
     return 0
 
@@ -260,8 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     # beats one device running batched kernels (BENCHMARKS.md). Must be set before jax starts.
     os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(os.cpu_count() or 1))
     args = build_parser().parse_args(argv)
+    from jaxgrok.lock import InUse
+
     try:
         return args.func(args)
-    except (SweepError, ResultsError, AnalysisError) as e:
+    except (SweepError, ResultsError, AnalysisError, InUse) as e:
         print(f"jaxgrok: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only directory, a permission: the path and the problem
+        print(f"jaxgrok: error: {f'{e.filename}: {e.strerror}' if e.filename else e}", file=sys.stderr)
+        return 1

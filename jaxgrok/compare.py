@@ -15,24 +15,7 @@ import numpy as np
 from scipy import stats
 
 from jaxgrok.analyze import load_runs, survival
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def differences(a: dict, b: dict) -> dict[str, tuple]:
-    """{key: (value in a, value in b)} of the resolved sweeps, name and text fields left out."""
-    fa, fb = _flatten(a), _flatten(b)
-    skip = {"name", "paper", "description", "path"}
-    return {k: (fa.get(k), fb.get(k)) for k in sorted(fa.keys() | fb.keys())
-            if k not in skip and fa.get(k) != fb.get(k)}
+from jaxgrok.sweep import differences
 
 
 def _times(cols: dict, event: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -19,7 +20,7 @@ import numpy as np
 
 from jaxgrok import grokking, measures, results, train
 from jaxgrok.store import Interrupted, Store
-from jaxgrok.sweep import Sweep
+from jaxgrok.sweep import Sweep, SweepError, differences
 
 
 @dataclass
@@ -99,21 +100,33 @@ def _stop_requested(store: Store) -> bool:
 
 
 def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) -> tuple[list[np.ndarray], bool]:
-    """The batches to train: a checkpointed batch first (exactly its runs), then the pending runs."""
+    """The batches to train: a checkpointed batch first (exactly its runs), then the pending runs.
+    A checkpoint that a changed sweep file no longer covers stops the sweep with one line; one that
+    cannot be taken back as it is (another batch size, an older format) is said and dropped: its
+    runs train from step 0, as in a fresh run."""
     todo = index if store is None else store.pending(index)
     batches, resume = [], False
-    if store is not None and (saved := store.checkpointed_batch()):
-        hashes, saved_batch = saved
+    if store is not None and (cursor := store.checkpointed_batch()):
         position = {h: i for i, h in enumerate(sweep.run_hashes)}
-        rows = np.array([position.get(h, -1) for h in hashes])
-        # The saved arrays hold a whole padded batch: only a batch of that size can take them back.
-        if (len(rows) <= per_batch and saved_batch in (None, per_batch) and (rows >= 0).all()
-                and np.isin(rows, todo).all()):
+        rows = np.array([position.get(h, -1) for h in cursor["run_hashes"]])
+        where = store.manager.directory
+        if not ((rows >= 0).all() and np.isin(rows, todo).all()):
+            changed = differences(cursor.get("sweep", {}), sweep.resolved)
+            said = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(changed.items())[:4]) or "its runs"
+            raise SweepError(f"{where}: holds a batch in progress of runs that {sweep.path} no longer has "
+                             f"(changed since: {said}); run the file as it was to finish that batch, "
+                             f"or --restart to discard it and everything in {store.out}")
+        saved = cursor.get("runs_per_batch")
+        why = ("it was saved by an older jaxgrok, which counted chunks, not steps" if "steps_done" not in cursor
+               else f"it holds a batch of {saved} runs and batches are now of {per_batch}"
+               if saved != per_batch or len(rows) > per_batch else "")
+        if why:  # the saved arrays hold a whole padded batch: only a batch of that size takes them back
+            print(f"jaxgrok: {where}: {why}; its {len(rows)} runs train again from step 0", file=sys.stderr)
+            store.clear_checkpoints()
+        else:
             batches.append(rows)
             todo = todo[~np.isin(todo, rows)]
             resume = True
-        else:  # from another sweep or another batch size: it covers nothing we will train
-            store.clear_checkpoints()
     batches += [todo[k:k + per_batch] for k in range(0, len(todo), per_batch)]
     return batches, resume
 
@@ -197,7 +210,7 @@ def train_sweep(
         store.clear_checkpoints()
         batches, resume = _plan(sweep, index, per_batch, store)
     n_evals = static.train.steps // static.train.eval_every
-    n_chunks = n_evals // program.evals_per_chunk
+    epc = program.evals_per_chunk
     steps = np.arange(1, n_evals + 1, dtype=np.int64) * static.train.eval_every
     hashes = sweep.run_hashes
     thr = static.grokking.threshold
@@ -206,6 +219,11 @@ def train_sweep(
         # Every batch has the same shape (the last is padded with copies) so nothing recompiles.
         padded = np.concatenate([rows, np.full(per_batch - len(rows), rows[-1])])
         return _global(train.hparams_for(sweep, padded), program.sharding)
+
+    def catch_up(n: int):
+        """A chunk of `n` evaluations: a checkpoint saved between two chunks of another chunk_steps
+        is brought to a chunk boundary by one shorter chunk (compiled once, on such a resume only)."""
+        return train.make_program(static, devices, vectorize, evals=n).chunk
 
     done_curves: list[np.ndarray] = []
     done_energies: list[np.ndarray] = []
@@ -221,39 +239,43 @@ def train_sweep(
         local, _ = _local(hp.seed)  # the rows of the padded batch that this process holds
         mine = local[local < len(rows)]  # ...and of those, the real runs
         curves = np.full((per_batch, n_evals, len(train.METRICS)), np.nan, np.float32)
-        first = 0
+        first = 0  # evaluations done
         if b == 0 and resume and (got := store.restore(_abstract(state, curves, program.sharding))):
-            state, saved_curves, first = got
+            state, saved_curves, steps_done = got
             curves[local] = _local(saved_curves)[1]
+            first = steps_done // static.train.eval_every
 
-        def collect(c, metrics):
+        def collect(e0, n, metrics):
             nonlocal trained_here
-            # Host sync: blocks until chunk c is done (chunk c+1 is already queued behind it).
-            done = (c + 1) * program.evals_per_chunk
+            # Host sync: blocks until this chunk is done (the next one is already queued behind it).
             pos, data = _local(metrics)
-            curves[pos, c * program.evals_per_chunk:done] = data
+            curves[pos, e0:e0 + n] = data
             # Processes move in step, so this process's share scales to the whole.
-            trained_here += len(rows) * program.evals_per_chunk * static.train.eval_every
+            trained_here += len(rows) * n * static.train.eval_every
             if on_chunk:
-                counts = [grokking.progress_counts(c_[..., 1], c_[..., 3], thr) for c_ in done_curves + [curves[mine, :done]]]
-                steps_done = finished * static.train.steps + len(rows) * done * static.train.eval_every
+                counts = [grokking.progress_counts(c_[..., 1], c_[..., 3], thr)
+                          for c_ in done_curves + [curves[mine, :e0 + n]]]
+                steps_done = finished * static.train.steps + len(rows) * (e0 + n) * static.train.eval_every
                 on_chunk(Progress(steps_done, total, sum(m for m, _ in counts), sum(g for _, g in counts),
                                   trained_here / max(time.perf_counter() - start, 1e-9), b, len(batches)))
 
+        # (first evaluation, evaluations, compiled chunk) for what is left of the run
+        todo = [(first, epc - first % epc, catch_up(epc - first % epc))] if first % epc else []
+        todo += [(e0, epc, chunk) for e0 in range(first + (-first) % epc, n_evals, epc)]
         pending = None
-        for c in range(first, n_chunks):
+        for k, (e0, n, run_chunk) in enumerate(todo):
             # The evaluation counter makes the measures' cadence and randomness count from the run's
             # start, whatever the chunking.
-            state, metrics = chunk(state, hp, np.int32(c * program.evals_per_chunk))
+            state, metrics = run_chunk(state, hp, np.int32(e0))
             if pending is not None:
                 collect(*pending)
-            pending = (c, metrics)
-            if store is not None and c + 1 < n_chunks and (
-                    _stop_requested(store) or (c + 1 - first) % store.checkpoint_every == 0):
+            pending = (e0, n, metrics)
+            if store is not None and e0 + n < n_evals and (
+                    _stop_requested(store) or (k + 1) % store.checkpoint_every == 0):
                 collect(*pending)
                 pending = None
                 global_curves = jax.make_array_from_process_local_data(program.sharding, curves[local], curves.shape)
-                store.save(state, global_curves, [hashes[i] for i in rows], c + 1)
+                store.save(state, global_curves, [hashes[r] for r in rows], (e0 + n) * static.train.eval_every)
                 if store.stop_signal is not None:
                     raise Interrupted(store.stop_signal)
         if pending is not None:
@@ -266,7 +288,7 @@ def train_sweep(
         try:
             curves, rows, energies = train_batch(b, batches[b])
         except Exception as error:  # XLA's out-of-memory error has no class of its own
-            if not _out_of_memory(error) or per_batch == n_dev:
+            if isinstance(error, OSError) or not _out_of_memory(error) or per_batch == n_dev:
                 raise
             # Halve the batch, compile once more, and train this batch's runs and the rest again in
             # the smaller batches; finished batches are kept (and a checkpoint of the failed one,

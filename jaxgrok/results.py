@@ -6,6 +6,7 @@ Every file is written under a temporary name and renamed, so it appears whole or
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -71,6 +72,7 @@ CURVES_SCHEMA = pa.schema([
 MEASURE_COLUMNS = CURVES_SCHEMA.names[7:]
 
 KIND_KEY = b"jaxgrok.kind"
+PAIR_KEY = b"jaxgrok.pair"  # the same in the runs.parquet and curves.parquet of one merge
 
 
 def versions() -> dict[str, str]:
@@ -115,6 +117,18 @@ def upgrade_runs(table: pa.Table) -> pa.Table:
     return table.select(RUNS_SCHEMA.names)
 
 
+def outcome_columns(outcomes: dict[str, np.ndarray]) -> dict[str, pa.Array]:
+    """The runs table's columns that grokking.analyse() computes from the curves."""
+    return {
+        "t_train": _nullable(outcomes["t_train"], pa.int64()),
+        "t_val": _nullable(outcomes["t_val"], pa.int64()),
+        "delay": _nullable(outcomes["delay"], pa.int64()),
+        "censored": pa.array(outcomes["censored"], pa.bool_()),
+        "phase": pa.array(outcomes["phase"].astype(str), pa.string()),
+        "diverged": pa.array(outcomes["diverged"], pa.bool_()),
+    }
+
+
 def runs_table(sweep, index, outcomes, finals, key_freqs=None) -> pa.Table:
     """One row per run. `index`: the runs' positions in the sweep; `outcomes`: grokking.analyse();
     `finals`: the last evaluation's metrics, name -> [runs]; `key_freqs`: a list per run, or None."""
@@ -125,12 +139,7 @@ def runs_table(sweep, index, outcomes, finals, key_freqs=None) -> pa.Table:
         "n_train": pa.array(sweep.n_train[index], pa.int32()),
         "steps": pa.array(np.full(len(index), sweep.static.train.steps), pa.int64()),
         "precision": pa.array([sweep.static.train.precision] * len(index), pa.string()),
-        "t_train": _nullable(outcomes["t_train"], pa.int64()),
-        "t_val": _nullable(outcomes["t_val"], pa.int64()),
-        "delay": _nullable(outcomes["delay"], pa.int64()),
-        "censored": pa.array(outcomes["censored"], pa.bool_()),
-        "phase": pa.array(outcomes["phase"].astype(str), pa.string()),
-        "diverged": pa.array(outcomes["diverged"], pa.bool_()),
+        **outcome_columns(outcomes),
         **{f"final_{m}": pa.array(finals[m], pa.float32()) for m in
            ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")},
         "key_freqs": pa.array(key_freqs if key_freqs is not None else [None] * len(index), pa.list_(pa.int32())),
@@ -156,16 +165,58 @@ def curves_table(index, steps, curves: dict[str, np.ndarray], resolved, run_hash
     return pa.Table.from_pydict(cols, schema=schema.with_metadata(metadata("curves", resolved)))
 
 
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def write_atomic(table: pa.Table, path: str | Path) -> None:
-    """Write under a temporary name in the same directory, then rename: whole or not at all."""
+    """Write under a temporary name in the same directory, then rename: whole or not at all. Pages
+    carry checksums, so a file damaged later is caught when read (page_checksum_verification)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _tmp(path)
     try:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def pair_id(path: str | Path) -> bytes | None:
+    """The merge that wrote runs.parquet or curves.parquet (None: unreadable, or written before
+    pairs were marked)."""
+    try:
+        return (pq.read_schema(path).metadata or {}).get(PAIR_KEY)
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def write_pair(runs: pa.Table, curves: pa.Table, out: str | Path, resolved: dict) -> bool:
+    """Publish DIR/runs.parquet and DIR/curves.parquet as a pair: both are written in full under
+    temporary names before either is renamed, and both carry one pair id (readers check it), so a
+    failure or a kill never leaves a runs table beside the curves of another merge. Files that
+    already hold exactly this pair are left alone (a finished sweep re-run on a read-only
+    directory writes nothing). Returns whether anything was written."""
+    out = Path(out)
+    blob = pa.BufferOutputStream()
+    with pa.ipc.new_stream(blob, runs.schema) as writer:
+        writer.write_table(runs)
+    pair = hashlib.sha256(blob.getvalue().to_pybytes() + json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+    paths = {"runs": out / "runs.parquet", "curves": out / "curves.parquet"}
+    if all(pair_id(p) == pair.encode() for p in paths.values()):
+        return False
+    tables = {"runs": runs, "curves": curves}
+    tmps = {k: _tmp(p) for k, p in paths.items()}
+    try:
+        for kind, table in tables.items():
+            meta = {**metadata(kind, resolved), PAIR_KEY: pair.encode()}
+            pq.write_table(table.replace_schema_metadata(meta), tmps[kind], write_page_checksum=True)
+        for kind in tables:
+            os.replace(tmps[kind], paths[kind])
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+    return True
 
 
 class ResultsError(ValueError):
@@ -173,18 +224,41 @@ class ResultsError(ValueError):
 
 
 def read(path: str | Path, kind: str) -> pa.Table:
-    """Read runs.parquet or curves.parquet, checking that jaxgrok wrote it."""
+    """Read runs.parquet or curves.parquet, checking that jaxgrok wrote it: its kind, its sweep
+    metadata (a valid sweep) and its columns. Every problem is one ResultsError line."""
+    from jaxgrok.sweep import LATER_AXES, SweepError, sweep_from_dict
+
     path = Path(path)
     if not path.exists():
         raise ResultsError(f"{path}: no such file")
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ResultsError(f"{path}: not a Parquet file ({e})") from None
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as e:
+        raise ResultsError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
     meta = table.schema.metadata or {}
     if meta.get(KIND_KEY) != kind.encode():
         raise ResultsError(f"{path}: not a jaxgrok {kind} table (no {KIND_KEY.decode()}={kind} in its metadata)")
+    try:
+        resolved = json.loads(meta[b"jaxgrok.sweep"])
+        sweep_from_dict(resolved, f"{path}: metadata jaxgrok.sweep")
+    except KeyError:
+        raise ResultsError(f"{path}: no jaxgrok.sweep in its metadata") from None
+    except (ValueError, TypeError, AttributeError) as e:  # invalid JSON, or not a sweep
+        message = str(e) if isinstance(e, SweepError) else f"{path}: metadata jaxgrok.sweep is not a sweep ({e})"
+        raise ResultsError(message) from None
+    later = {"precision", "batch_seed", *LATER_AXES}  # upgrade_runs adds them to older tables
+    needed = {"runs": [n for n in RUNS_SCHEMA.names if n not in later], "curves": CURVES_SCHEMA.names[:7]}.get(kind, [])
+    if missing := [n for n in needed if n not in table.column_names]:
+        raise ResultsError(f"{path}: missing the columns {', '.join(missing)}")
     return table
+
+
+def check_pair(runs_path: str | Path, curves_path: str | Path) -> None:
+    """runs.parquet and curves.parquet must come from one merge (where both say which)."""
+    a, b = pair_id(runs_path), pair_id(curves_path)
+    if a is not None and b is not None and a != b:
+        raise ResultsError(f"{curves_path}: from another merge than {Path(runs_path).name} (a write was interrupted); "
+                           f"run the sweep again to rewrite both")
 
 
 def sweep_config(table: pa.Table) -> dict:

@@ -12,9 +12,11 @@ nothing, and extending it trains only the runs it does not have yet.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -22,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jaxgrok import results
+from jaxgrok import grokking, results
 
 
 class Interrupted(Exception):
@@ -31,6 +33,10 @@ class Interrupted(Exception):
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
+
+
+class WriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a read-only directory): one line."""
 
 
 class Store:
@@ -46,9 +52,11 @@ class Store:
         if restart:
             self._remove_own_files()
         self.parts.mkdir(parents=True, exist_ok=True)
-        for tmp in self.parts.glob(".*.tmp"):  # a part a crash left half-written: never committed
-            tmp.unlink()
+        if not shard_tag and jax.process_count() == 1:  # alone in DIR (it is locked): no one else is writing
+            for tmp in [*self.parts.glob(".*.tmp"), *self.out.glob(".*.parquet.*.tmp")]:
+                tmp.unlink()  # a file a crash left half-written: never committed
         self._manager = None
+        self._verified: dict[Path, list[str]] = {}  # runs part -> its run hashes
 
     def _remove_own_files(self) -> None:
         """--restart: delete what jaxgrok wrote here and nothing else: its part files, its orbax
@@ -80,11 +88,35 @@ class Store:
 
     # -- finished runs ------------------------------------------------------------------------
 
+    def finished_parts(self) -> dict[Path, list[str]]:
+        """{runs part: its run hashes} of every finished batch (every process's and shard's), each
+        verified once when first seen: readable, jaxgrok's schema, the curves part beside it holding
+        exactly the rows its runs should have. A damaged or incomplete pair is reported in one line
+        and moved to parts/damaged/ (never deleted); its runs are then pending again."""
+        for path in sorted(self.parts.glob("runs-*.parquet")):
+            if path not in self._verified:
+                try:
+                    self._verified[path] = verify_part(path, curves_part(path))
+                except DamagedPart as e:
+                    self._set_aside(path, str(e))
+        return {p: h for p, h in self._verified.items() if p.exists()}
+
+    def _set_aside(self, runs_path: Path, problem: str) -> None:
+        damaged = self.parts / "damaged"
+        damaged.mkdir(exist_ok=True)
+        moved = []
+        for f in (runs_path, curves_part(runs_path)):
+            try:
+                os.replace(f, damaged / f.name)
+                moved.append(f.name)
+            except FileNotFoundError:  # missing, or another process set it aside first
+                pass
+        if moved:
+            print(f"jaxgrok: {runs_path}: {problem}; moved {' and '.join(moved)} to {damaged}/, "
+                  f"its runs will be trained again", file=sys.stderr)
+
     def done_hashes(self) -> set[str]:
-        done = set()
-        for path in self.parts.glob("runs-*.parquet"):  # every process's and shard's
-            done |= set(pq.read_table(path, columns=["run_hash"]).column("run_hash").to_pylist())
-        return done
+        return {h for hashes in self.finished_parts().values() for h in hashes}
 
     def pending(self, index: np.ndarray) -> np.ndarray:
         done = self.done_hashes()
@@ -96,7 +128,9 @@ class Store:
         prefix = f"{self.tag}-" if self.tag else ""
         # curves first: a runs part is what marks the batch done.
         results.write_atomic(curves_table, self.parts / f"curves-{prefix}{key}.parquet")
-        results.write_atomic(runs_table, self.parts / f"runs-{prefix}{key}.parquet")
+        runs_path = self.parts / f"runs-{prefix}{key}.parquet"
+        results.write_atomic(runs_table, runs_path)
+        self._verified[runs_path] = runs_table.column("run_hash").to_pylist()
         self.clear_checkpoints()
 
     # -- the batch in progress ----------------------------------------------------------------
@@ -112,18 +146,24 @@ class Store:
                 max_to_keep=2, enable_async_checkpointing=False))
         return self._manager
 
-    def save(self, state, curves, run_hashes: list[str], chunks_done: int) -> None:
+    def save(self, state, curves, run_hashes: list[str], steps_done: int) -> None:
         """Checkpoint the batch in progress: its train state and curves so far (run-sharded global
-        arrays: with several processes each writes its own shards) and the cursor."""
+        arrays: with several processes each writes its own shards) and the cursor: its runs, the
+        steps they have done (not chunks: chunking may change before the resume), the batch size
+        and the sweep as it was (to say what changed if it no longer matches)."""
         import orbax.checkpoint as ocp
 
         step = (self.manager.latest_step() or 0) + 1
         state = state._replace(key=jax.random.key_data(state.key))  # typed keys: store their data
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"state": state, "curves": curves}),
-            cursor=ocp.args.JsonSave({"run_hashes": run_hashes, "chunks_done": chunks_done,
-                                      "runs_per_batch": int(curves.shape[0])})))
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"state": state, "curves": curves}),
+                cursor=ocp.args.JsonSave({"run_hashes": run_hashes, "steps_done": steps_done,
+                                          "runs_per_batch": int(curves.shape[0]), "sweep": self.sweep.resolved})))
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise their own kinds
+            raise WriteError(f"{self.manager.directory}: could not write a checkpoint "
+                             f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
 
     def _newest_readable(self, args, report: bool):
         """Restore `args` from the newest checkpoint that reads; an unreadable one is reported (if
@@ -139,7 +179,7 @@ class Store:
         return None
 
     def restore(self, abstract):
-        """The newest readable checkpoint as (state, curves, chunks_done), or None. `abstract` gives
+        """The newest readable checkpoint as (state, curves, steps_done), or None. `abstract` gives
         shapes and shardings."""
         import orbax.checkpoint as ocp
 
@@ -148,15 +188,14 @@ class Store:
         if got is None:
             return None
         state = got.state["state"]
-        return state._replace(key=jax.random.wrap_key_data(state.key)), got.state["curves"], got.cursor["chunks_done"]
+        return state._replace(key=jax.random.wrap_key_data(state.key)), got.state["curves"], got.cursor["steps_done"]
 
-    def checkpointed_batch(self) -> tuple[list[str], int | None] | None:
-        """(the runs of the batch in progress, the padded batch size it was saved with: None in
-        checkpoints from before it was recorded), read from the newest checkpoint's cursor."""
+    def checkpointed_batch(self) -> dict | None:
+        """The newest checkpoint's cursor (see save), or None if there is none that reads."""
         import orbax.checkpoint as ocp
 
         got = self._newest_readable(ocp.args.Composite(cursor=ocp.args.JsonRestore()), report=False)
-        return None if got is None else (got.cursor["run_hashes"], got.cursor.get("runs_per_batch"))
+        return None if got is None else dict(got.cursor)
 
     def clear_checkpoints(self) -> None:
         for step in self.manager.all_steps():
@@ -166,10 +205,13 @@ class Store:
 
     def merge(self) -> int:
         """Write DIR/runs.parquet and DIR/curves.parquet from the parts, for the runs of the current
-        sweep, with run_id = position in it. Returns the number of runs merged."""
+        sweep, with run_id = position in it, and their outcomes recomputed from their curves under
+        the current [grokking] settings (a changed threshold retrains nothing). Returns the number
+        of runs merged."""
         position = {h: i for i, h in enumerate(self.hashes)}
-        runs = [results.upgrade_runs(pq.read_table(p)) for p in sorted(self.parts.glob("runs-*.parquet"))]
-        curves = [pq.read_table(p) for p in sorted(self.parts.glob("curves-*.parquet"))]
+        parts = sorted(self.finished_parts())
+        runs = [results.upgrade_runs(pq.read_table(p)) for p in parts]
+        curves = [pq.read_table(curves_part(p)) for p in parts]
         runs_t = pa.concat_tables([t.replace_schema_metadata(None) for t in runs])
         curves_t = pa.concat_tables([t.replace_schema_metadata(None) for t in curves])
         runs_t = _reindex(runs_t, position)
@@ -180,14 +222,69 @@ class Store:
         keys = np.stack([curves_t.column("run_id").to_numpy(), curves_t.column("step").to_numpy()], 1)
         _, first = np.unique(keys, axis=0, return_index=True)
         curves_t = curves_t.take(pa.array(first))
-        runs_t = runs_t.sort_by("run_id").cast(results.RUNS_SCHEMA).replace_schema_metadata(
-            results.metadata("runs", self.sweep.resolved))
+        runs_t = runs_t.sort_by("run_id").cast(results.RUNS_SCHEMA)
         curves_t = curves_t.sort_by([("run_id", "ascending"), ("step", "ascending")]).select(
-            results.CURVES_SCHEMA.names).cast(results.CURVES_SCHEMA).replace_schema_metadata(
-            results.metadata("curves", self.sweep.resolved))
-        results.write_atomic(runs_t, self.out / "runs.parquet")
-        results.write_atomic(curves_t, self.out / "curves.parquet")
+            results.CURVES_SCHEMA.names).cast(results.CURVES_SCHEMA)
+        runs_t = self._with_outcomes(runs_t, curves_t)
+        results.write_pair(runs_t, curves_t, self.out, self.sweep.resolved)
         return runs_t.num_rows
+
+    def _with_outcomes(self, runs: pa.Table, curves: pa.Table) -> pa.Table:
+        """`runs` with t_train, t_val, delay, censored, phase and diverged computed from `curves`."""
+        cfg = self.sweep.static.train
+        steps = np.arange(1, cfg.steps // cfg.eval_every + 1, dtype=np.int64) * cfg.eval_every
+        if curves.num_rows != runs.num_rows * len(steps):  # the parts were verified: cannot happen
+            raise results.ResultsError(f"{self.parts}: {curves.num_rows} curve rows for {runs.num_rows} runs "
+                                       f"of {len(steps)} evaluations")
+        named = {m: curves.column(m).to_numpy().reshape(runs.num_rows, len(steps))
+                 for m in ("train_acc", "val_acc", "train_loss", "val_loss")}
+        for name, column in results.outcome_columns(grokking.analyse(named, steps, self.sweep.static.grokking)).items():
+            runs = runs.set_column(runs.schema.get_field_index(name), name, column)
+        return runs
+
+
+class DamagedPart(Exception):
+    """A part file that cannot be trusted: unreadable, not jaxgrok's, or not matching its pair."""
+
+
+def curves_part(runs_path: Path) -> Path:
+    """The curves part written with a runs part (the same key)."""
+    return runs_path.with_name("curves-" + runs_path.name.removeprefix("runs-"))
+
+
+def _read_part(path: Path, kind: str) -> pa.Table:
+    if not path.exists():
+        raise DamagedPart(f"its {kind} part {path.name} is missing")
+    try:  # parts carry page checksums: garbage inside a readable file is caught too
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as e:
+        raise DamagedPart(f"{path.name} is unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if (table.schema.metadata or {}).get(results.KIND_KEY) != kind.encode():
+        raise DamagedPart(f"{path.name} is not a jaxgrok {kind} part")
+    return table
+
+
+def verify_part(runs_path: Path, curves_path: Path) -> list[str]:
+    """The run hashes of a finished batch's pair of parts, once both are read in full and agree: the
+    curves part holds every evaluation of every run of the runs part, and nothing else."""
+    runs = _read_part(runs_path, "runs")
+    try:
+        runs = results.upgrade_runs(runs)
+        train = results.sweep_config(runs)["train"]
+        n_evals = int(train["steps"]) // int(train["eval_every"])
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, pa.ArrowException) as e:
+        raise DamagedPart(f"{runs_path.name} does not have jaxgrok's runs columns and metadata ({e})") from None
+    hashes = runs.column("run_hash").to_pylist()
+    if not hashes or None in hashes or len(set(hashes)) != len(hashes):
+        raise DamagedPart(f"{runs_path.name} has missing or repeated run hashes")
+    curves = _read_part(curves_path, "curves")
+    missing = [c for c in (*results.CURVES_SCHEMA.names, "run_hash") if c not in curves.column_names]
+    if missing:
+        raise DamagedPart(f"{curves_path.name} lacks the columns {', '.join(missing)}")
+    if Counter(curves.column("run_hash").to_pylist()) != dict.fromkeys(hashes, n_evals):
+        raise DamagedPart(f"{curves_path.name} holds {curves.num_rows} rows, not the {n_evals} evaluations "
+                          f"of each of the {len(hashes)} runs of {runs_path.name}")
+    return hashes
 
 
 def _is_jaxgrok_table(path: Path, kind: str) -> bool:

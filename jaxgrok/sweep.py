@@ -241,6 +241,24 @@ class Sweep:
         return out
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(a: dict, b: dict) -> dict[str, tuple]:
+    """{key: (value in a, value in b)} of the resolved sweeps, name and text fields left out."""
+    fa, fb = _flatten(a), _flatten(b)
+    skip = {"name", "paper", "description", "path"}
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(fa.keys() | fb.keys())
+            if k not in skip and fa.get(k) != fb.get(k)}
+
+
 def varying(runs: dict[str, np.ndarray]) -> list[str]:
     """The axes that take more than one value; batch_seed only where it is not the model seed's."""
     out = [a for a in AXES if len(np.unique(runs[a])) > 1]
@@ -474,6 +492,8 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
 
 
 def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "sweep") -> Sweep:
+    if not isinstance(raw, dict):
+        raise SweepError(f"{where}: expected a table of keys, got {type(raw).__name__}")
     top = {"name", "paper", "description", "task", "model", "train", "grokking", "measures", "sweep"}
     for key in raw:
         if key not in top:

@@ -115,15 +115,15 @@ def evals_per_chunk(static: Static) -> int:
     return max(d for d in range(1, min(target, n_evals) + 1) if n_evals % d == 0)
 
 
-def make_program(static: Static, devices=None, vectorize: bool | None = None) -> Program:
+def make_program(static: Static, devices=None, vectorize: bool | None = None, evals: int | None = None) -> Program:
     """The compiled program of a sweep's static config over `devices` (all by default). Within a
     device, runs are vmapped (`vectorize`, the default on accelerators) or mapped one at a time
-    (the default on CPU)."""
+    (the default on CPU). A chunk holds `evals` evaluations (default: evals_per_chunk)."""
     table = tasks.make_table(static.task)
     model = with_precision(models.build(static.model, table.n_symbols, table.n_classes), static.train.precision)
     inputs, targets = jnp.asarray(table.inputs), jnp.asarray(table.targets)
     n_pairs, n_train_max, cfg = len(table.targets), static.n_train_max, static.train
-    n_evals = evals_per_chunk(static)
+    n_evals = evals or evals_per_chunk(static)
 
     def per_example_loss(logits, labels):
         if static.loss == "mse":  # against one-hot targets, averaged over classes (torch's MSELoss)

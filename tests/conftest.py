@@ -2,8 +2,14 @@
 
 import json
 import os
+import tempfile
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")  # must precede jax's initialisation
+# Tests compile the same small programs many times over (and in subprocesses, which inherit this):
+# XLA's persistent cache, fresh for each session, compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxgrok-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

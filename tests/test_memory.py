@@ -128,14 +128,17 @@ def test_a_checkpoint_of_another_batch_size_is_not_restored(sweep):
         def pending(self, index):
             return index
 
+        manager = type("Manager", (), {"directory": "checkpoints"})
+
         def checkpointed_batch(self):
-            return [sweep.run_hashes[i] for i in (3, 4)], self.saved_batch
+            return {"run_hashes": [sweep.run_hashes[i] for i in (3, 4)], "steps_done": 100,
+                    "runs_per_batch": self.saved_batch}
 
         def clear_checkpoints(self):
             self.cleared = True
 
     index = np.arange(24)
-    for saved_batch, resumed in ((16, True), (None, True), (8, False)):
+    for saved_batch, resumed in ((16, True), (8, False)):
         store = Saved(saved_batch)
         batches, resume = engine._plan(sweep, index, 16, store)
         assert resume == resumed and store.cleared == (not resumed)
