@@ -331,6 +331,16 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
 
     results_dir = Path(results_dir)
     cols, resolved = load_runs(results_dir)
+    curves_path = results_dir / "curves.parquet"
+    curves = None
+    if curves_path.exists():  # read and checked before anything is written
+        results.check_pair(results_dir / "runs.parquet", curves_path)
+        curves = results.read(curves_path, "curves")
+        n_evals = resolved["train"]["steps"] // resolved["train"]["eval_every"]
+        ids, counts = np.unique(curves.column("run_id").to_numpy(), return_counts=True)
+        if not (np.array_equal(ids, np.sort(cols["run_id"])) and (counts == n_evals).all()):
+            raise AnalysisError(f"{results_dir / 'runs.parquet'} and {curves_path} disagree: the curves hold "
+                                f"{curves.num_rows} rows, not the {n_evals} evaluations of each of {len(cols['run_id'])} runs")
     keys = cell_axes(cols)
     swept = swept_axes(cols)
     for flag, axis in (("--x", x), ("--y", y)):
@@ -363,11 +373,6 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
         written["grokfast"] = results_dir / "grokfast.parquet"
         schema = pa.schema(fields).with_metadata(results.metadata("grokfast", resolved))
         results.write_atomic(pa.Table.from_pylist(speedup, schema=schema), written["grokfast"])
-    curves_path = results_dir / "curves.parquet"
-    curves = None
-    if curves_path.exists():
-        results.check_pair(results_dir / "runs.parquet", curves_path)
-        curves = results.read(curves_path, "curves")
     warn = None
     if curves is not None:
         warn, tables = early_warning(cols, curves, resolved, keys)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jaxgrok.grokking import PHASES
 from jaxgrok.sweep import AXES
 
 RUNS_SCHEMA = pa.schema([
@@ -250,6 +251,12 @@ def read(path: str | Path, kind: str) -> pa.Table:
     needed = {"runs": [n for n in RUNS_SCHEMA.names if n not in later], "curves": CURVES_SCHEMA.names[:7]}.get(kind, [])
     if missing := [n for n in needed if n not in table.column_names]:
         raise ResultsError(f"{path}: missing the columns {', '.join(missing)}")
+    schema = RUNS_SCHEMA if kind == "runs" else CURVES_SCHEMA
+    for name in needed:
+        if (got := table.schema.field(name).type) != (want := schema.field(name).type):
+            raise ResultsError(f"{path}: column {name} is {got}, expected {want}")
+    if kind == "runs" and (unknown := set(table.column("phase").to_pylist()) - set(PHASES)):
+        raise ResultsError(f"{path}: column phase holds {sorted(map(str, unknown))[0]!r}, not one of {', '.join(PHASES)}")
     return table
 
 

@@ -13,12 +13,15 @@ import os
 import tomllib
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
 import pytest
 
 from jaxgrok import sweep as S, train
 from jaxgrok.cli import main
 
-from conftest import write_raw
+from conftest import make_raw, write_raw
 
 BASE = tomllib.loads(Path(__file__).parent.parent.joinpath("sweeps/quickstart.toml").read_text())
 KINDS = [0, -1, 1, 7, 10**18, 2**61 - 1, 0.5, -0.5, 1e308, float("inf"), float("-inf"), float("nan"), True, False,
@@ -169,3 +172,71 @@ def test_restart_deletes_only_what_jaxgrok_wrote(tmp_path):
     assert not (out / "parts" / "runs-abc.parquet").exists() and not (out / "checkpoints" / "3").exists()
     assert (out / "parts" / "notes.txt").read_text() == "mine"
     assert (out / "checkpoints" / "keep").is_dir() and (out / "runs.parquet").exists()
+
+
+# -- the analysis commands' inputs ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finished")
+    raw = make_raw(train={"steps": 200, "eval_every": 50, "chunk_steps": 100, "max_runs_per_batch": 8})
+    out = tmp / "out"
+    assert main(["run", str(write_raw(tmp / "s.toml", raw)), "--out", str(out), "--no-analyze", "--quiet"]) == 0
+    return out
+
+
+def _results_variants():
+    """(file, what is wrong, a function of its table giving the damaged table)."""
+    from jaxgrok import results
+
+    def meta(key, value):
+        return lambda t: t.replace_schema_metadata({**{k: v for k, v in t.schema.metadata.items() if k != key},
+                                                     **({} if value is None else {key: value})})
+
+    def resolved_with(path, value):
+        def change(t):
+            cfg = json.loads(t.schema.metadata[b"jaxgrok.sweep"])
+            *head, last = path.split(".")
+            node = cfg
+            for k in head:
+                node = node[k]
+            node[last] = value
+            return meta(b"jaxgrok.sweep", json.dumps(cfg).encode())(t)
+        return change
+
+    later = {"precision", "batch_seed", "init_noise", "noise_seed", "grokfast_lambda", "grokfast_alpha"}
+    for kind, schema in (("runs", results.RUNS_SCHEMA), ("curves", results.CURVES_SCHEMA)):
+        needed = [n for n in schema.names if n not in later] if kind == "runs" else schema.names[:7]
+        for name in needed:
+            yield kind, f"no {name}", lambda t, n=name: t.drop_columns([n])
+            typed = schema.field(name).type != pa.string()
+            yield kind, f"{name} as {'text' if typed else 'numbers'}", lambda t, n=name, typed=typed: t.set_column(
+                t.schema.get_field_index(n), n, pa.array(["x"] * t.num_rows if typed else range(t.num_rows)))
+        yield kind, "no rows", lambda t: t.slice(0, 0)
+        yield kind, "a run missing", lambda t: t.filter(pa.compute.not_equal(t.column("run_id"), 1))
+        if kind == "runs":
+            yield kind, "an unknown phase", lambda t: t.set_column(t.schema.get_field_index("phase"), "phase",
+                                                                   pa.array(["x"] * t.num_rows))
+        yield kind, "no kind", meta(results.KIND_KEY, None)
+        yield kind, "the other kind", meta(results.KIND_KEY, b"curves" if kind == "runs" else b"runs")
+        yield kind, "no sweep", meta(b"jaxgrok.sweep", None)
+        for bad in (b"{not json", b"null", b"[]", b"{}", b'"text"', b"\xff\xfe"):
+            yield kind, f"sweep {bad!r}", meta(b"jaxgrok.sweep", bad)
+        for path, value in (("model.kind", "nope"), ("train.steps", -1), ("train", "x"), ("sweep.seed", {"count": -3}),
+                            ("task.p", 2**61 - 1), ("grokking.threshold", "high")):
+            yield kind, f"sweep {path}={value!r}", resolved_with(path, value)
+
+
+@pytest.mark.parametrize("kind,what,damage", list(_results_variants()),
+                         ids=[f"{k}: {w}" for k, w, _ in _results_variants()])
+def test_every_damaged_results_file_gets_one_line_and_nothing_written(tmp_path, capsys, finished, kind, what, damage):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    path = out / f"{kind}.parquet"
+    pq.write_table(damage(pq.read_table(path)), path)
+    assert main(["analyze", str(out)]) == 2, what
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0], (what, err)
+    assert not (out / "stats.parquet").exists() and not (out / "report.html").exists()
