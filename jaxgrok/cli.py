@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from jaxgrok.analyze import AnalysisError
 from jaxgrok.results import ResultsError
@@ -91,8 +93,21 @@ def _start_processes(args) -> None:
         jax.distributed.initialize()
 
 
+def default_out(sweep, overrides) -> Path:
+    """results/NAME, or for a sweep with overrides results/NAME-set-HASH: an overridden sweep never
+    lands in (and never replaces) the results of the file as it is."""
+    from jaxgrok.sweep import overrides_id
+
+    return Path("results") / (f"{sweep.name}-set-{overrides_id(overrides)}" if overrides else sweep.name)
+
+
 def cmd_run(args) -> int:
     sweep = load_sweep(args.sweep, args.set)  # every input error surfaces here, before any output
+    return run_sweep(sweep, args)
+
+
+def run_sweep(sweep, args) -> int:
+    """`jaxgrok run` on a loaded sweep (args: the run command's options; also the Python API's path)."""
     shard, n_shards = _parse_shard(args.shard)
     if args.distributed:
         _start_processes(args)
@@ -101,8 +116,12 @@ def cmd_run(args) -> int:
     from jaxgrok import lock, train
 
     train.check_fits(sweep, train.memory_budget())  # before anything is written
+    if args.dry_run:
+        return _dry_run(sweep, args)
 
-    out = Path(args.out) if args.out else Path("results") / sweep.name
+    out = Path(args.out) if args.out else default_out(sweep, args.set)
+    if args.set and not args.out and not args.quiet and jax.process_index() == 0:
+        print(f"with --set: results in {out} ({Path('results') / sweep.name} keeps the sweep file's own)", flush=True)
     shard_tag = f"s{shard}of{n_shards}" if n_shards > 1 else ""
     created = not out.exists()
     with contextlib.ExitStack() as held:
@@ -152,6 +171,8 @@ def _run(args, sweep, out: Path, shard: int, n_shards: int, shard_tag: str) -> i
     index = np.arange(sweep.n_runs)[shard::n_shards]  # round robin: every shard gets every cell
     n_done = len(index) - len(store.pending(index))
     quiet = args.quiet or me != 0  # one voice per sweep
+    if not quiet and (others := store.done_hashes() - set(sweep.run_hashes)):
+        print(_other_version(out, sweep, len(others)), flush=True)
     display = _Display((len(index) - n_done) * sweep.static.train.steps, live=sys.stdout.isatty() and not quiet)
     if not quiet:
         where = f" (shard {shard}/{n_shards})" if n_shards > 1 else ""
@@ -163,10 +184,11 @@ def _run(args, sweep, out: Path, shard: int, n_shards: int, shard_tag: str) -> i
     try:
         result = engine.train_sweep(sweep, index=index, on_chunk=None if quiet else display, store=store)
     except Interrupted as e:
-        display.close()
         print(f"jaxgrok: {e}; checkpoint written in {out}; run the same command again to resume", file=sys.stderr)
         return 128 + e.signum
-    display.close()
+    finally:
+        display.close()
+        store.release_signals()
     if n_proc > 1:  # every process has written its parts before process 0 merges them
         from jax.experimental import multihost_utils
 
@@ -181,6 +203,76 @@ def _run(args, sweep, out: Path, shard: int, n_shards: int, shard_tag: str) -> i
     print(_summary(out, result, n_done))
     if not args.no_analyze:
         return cmd_analyze(argparse.Namespace(results_dir=out, x=None, y=None))
+    return 0
+
+
+def _other_version(out: Path, sweep, n_others: int) -> str:
+    """One line: DIR holds runs that this sweep does not have (another version of the file)."""
+    from jaxgrok import results
+    from jaxgrok.sweep import differences
+
+    what = ""
+    try:
+        before = json.loads(pq.read_schema(out / "runs.parquet").metadata[b"jaxgrok.sweep"])
+        changed = differences(before, sweep.resolved)
+        what = " (differs in: " + "; ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in list(changed.items())[:3]) + ")" if changed else ""
+    except (OSError, KeyError, ValueError, TypeError, results.pa.ArrowException):
+        pass
+    return (f"{out} also holds {n_others} runs of another version of this sweep{what}: they stay in "
+            f"{out / 'parts'} and are left out of runs.parquet")
+
+
+def _dry_run(sweep, args) -> int:
+    from jaxgrok import engine
+    from jaxgrok.train import human_bytes
+
+    d = engine.dry_run(sweep)
+    out = Path(args.out) if args.out else default_out(sweep, args.set)
+    batch = human_bytes(d["batch_bytes"]) + " per device (XLA)" if d["batch_bytes"] else "not reported by this backend"
+    print(f"{sweep.name}: {d['runs']:,} runs × {d['steps']:,} steps = {d['model_steps']:,} model-steps "
+          f"({sweep.static.model.kind} on {sweep.static.task.op}); following {sweep.paper}\n"
+          f"on {d['devices']} {d['platform']} devices: {d['batches']} batch{'es' if d['batches'] > 1 else ''} of "
+          f"{d['runs_per_batch']} runs, chunks of {d['chunk_steps']:,} steps\n"
+          f"memory: about {human_bytes(d['bytes_per_run'])} per run (estimate), {batch} per batch; budget "
+          f"{human_bytes(d['budget'])} per device\n"
+          f"time: compile {d['compile_s']:.1f} s; one evaluation interval ({sweep.static.train.eval_every} steps) "
+          f"of a batch took {d['interval_s'] * 1e3:,.1f} ms → about {_duration(d['train_s'])} of training\n"
+          f"would write {out}/ (nothing was written)")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def presets_dir() -> Path:
+    """sweeps/ here, else the one beside the package (a checkout installed with pip -e)."""
+    here = Path("sweeps")
+    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "sweeps"
+
+
+def cmd_list(args) -> int:
+    folder = Path(args.dir) if args.dir else presets_dir()
+    files = sorted(folder.glob("*.toml"))
+    if not files:
+        raise SweepError(f"{folder}: no sweep files (*.toml) there")
+    rows = []
+    for f in files:
+        sw = load_sweep(f)
+        sized = "GPU" if sw.name.endswith("_gpu") else "CPU"
+        follows = sw.paper.split("(")[0].split(":")[0].strip()
+        rows.append((f.stem, sized, f"{sw.n_runs:,}", f"{sw.static.train.steps:,}",
+                     f"{sw.n_runs * sw.static.train.steps:.2e}".replace("e+0", "e").replace("e+", "e"),
+                     f"{sw.static.model.kind} on {sw.static.task.op}", follows))
+    head = ("preset", "for", "runs", "steps", "model-steps", "model on task", "follows")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) if i in (0, 1, 5, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    print(f"\n{folder}/NAME.toml: `jaxgrok run {folder}/NAME.toml --dry-run` says what a run would take here")
     return 0
 
 
@@ -249,8 +341,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    from jaxgrok.results import versions
+
+    v = versions()
+    return f"jaxgrok {v['jaxgrok']} (jax {v['jax']}, jaxlib {v['jaxlib']}, python {v['python']})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxgrok", description=__doc__)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train every run of a sweep file and write Parquet results")
@@ -261,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--no-analyze", action="store_true", help="skip the statistics, figures and report")
     run.add_argument("--restart", action="store_true", help="discard what DIR holds and start over")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the batches, memory and an estimated time from one timed interval; write nothing")
     run.add_argument("--checkpoint-every", type=_positive, default=10, metavar="N",
                      help="checkpoint the batch in progress every N chunks (and on SIGTERM/SIGINT)")
     run.add_argument("--shard", metavar="I/N", type=str, help="train every N-th run from the I-th (job arrays, no coordinator)")
@@ -270,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-processes", type=int)
     run.add_argument("--process-id", type=int)
     run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="the preset sweeps: what each follows, its size, CPU or GPU")
+    lst.add_argument("dir", nargs="?", help="a folder of sweep files (default: sweeps/)")
+    lst.set_defaults(func=cmd_list)
 
     ana = sub.add_parser("analyze", help="statistics, figures and report.html for a results directory")
     ana.add_argument("results_dir", help="a directory holding runs.parquet (and curves.parquet)")

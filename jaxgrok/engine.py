@@ -344,3 +344,32 @@ def params_at(sweep: Sweep, run: int, steps) -> dict[int, dict]:
         if (c + 1) * cfg.eval_every in wanted:
             out[(c + 1) * cfg.eval_every] = take()
     return out
+
+
+def dry_run(sweep: Sweep, devices=None, vectorize: bool | None = None) -> dict:
+    """What `jaxgrok run` would do, with nothing written: the batches it would train (sized as the
+    run sizes them), the memory they need, and an estimate of the training time from one timed
+    evaluation interval of the first batch on this machine."""
+    static, cfg = sweep.static, sweep.static.train
+    program = train.make_program(static, devices, vectorize)
+    t = time.perf_counter()
+    per_batch, init, _, need = _fit(program, static, sweep.n_runs, train.memory_budget(), sweep.path)
+    compile_s = time.perf_counter() - t
+    rows = np.arange(min(per_batch, sweep.n_runs))
+    hp = _global(train.hparams_for(sweep, np.concatenate([rows, np.full(per_batch - len(rows), rows[-1])])),
+                 program.sharding)
+    one = train.make_program(static, devices, vectorize, evals=1).chunk  # one evaluation interval
+    state, metrics = one(init(hp), hp, np.int32(0))  # compiles, and warms up
+    jax.block_until_ready(metrics)
+    t = time.perf_counter()
+    state, metrics = one(state, hp, np.int32(1))
+    jax.block_until_ready(metrics)
+    interval_s = time.perf_counter() - t
+    n_batches = -(-sweep.n_runs // per_batch)
+    n_evals = cfg.steps // cfg.eval_every
+    return {"runs": sweep.n_runs, "steps": cfg.steps, "model_steps": sweep.n_runs * cfg.steps,
+            "devices": program.sharding.mesh.size, "platform": program.sharding.mesh.devices.flat[0].platform,
+            "runs_per_batch": per_batch, "batches": n_batches, "chunk_steps": program.evals_per_chunk * cfg.eval_every,
+            "bytes_per_run": train.bytes_per_run(static, program), "batch_bytes": need,
+            "budget": train.memory_budget(), "compile_s": compile_s, "interval_s": interval_s,
+            "train_s": interval_s * n_evals * n_batches}

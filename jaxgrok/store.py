@@ -83,8 +83,13 @@ class Store:
         """SIGTERM/SIGINT: finish the chunk in flight, checkpoint, then stop (see Interrupted)."""
         def handler(signum, frame):
             self.stop_signal = signum
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, handler)
+        self._handlers = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def release_signals(self) -> None:
+        """Give SIGTERM/SIGINT back to whoever had them (a notebook's kernel, say)."""
+        for s, previous in getattr(self, "_handlers", {}).items():
+            signal.signal(s, previous)
+        self._handlers = {}
 
     # -- finished runs ------------------------------------------------------------------------
 

@@ -418,14 +418,34 @@ def _tables_with(key: str, raw: dict) -> list[str]:
     return found + (["sweep"] if key in AXES else [])
 
 
-def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
-    """`--set train.steps=500`, or `--set steps=500` when the key belongs to one table only."""
-    raw = json.loads(json.dumps(raw))  # a deep copy of plain TOML data
+def _split_override(item) -> tuple[str, object]:
+    """("KEY", value) from "KEY=VALUE" (the value read as TOML), or from a (key, value) pair (Python)."""
+    if isinstance(item, tuple):
+        return str(item[0]).strip(), item[1]
+    key, sep, text = str(item).partition("=")
+    if not sep or not key.strip():
+        raise SweepError(f"--set {item}: expected KEY=VALUE")
+    return key.strip(), _parse_value(text)
+
+
+def overrides_id(overrides) -> str:
+    """A short name for a set of overrides (their order aside): an overridden sweep's own folder."""
+    pairs = sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in map(_split_override, overrides))
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:8]
+
+
+def apply_overrides(raw: dict, overrides: list, where: str) -> dict:
+    """`--set train.steps=500`, or `--set steps=500` when the key belongs to one table only. An
+    override is "KEY=VALUE" (VALUE in TOML) or, from Python, a (KEY, value) pair."""
+    try:
+        raw = json.loads(json.dumps(raw))  # a deep copy of plain TOML data
+    except (TypeError, ValueError) as e:  # a dict from Python holding something TOML cannot say
+        raise SweepError(f"{where}: not plain TOML data ({e})") from None
     for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise SweepError(f"{where}: --set {item}: expected KEY=VALUE")
+        try:
+            key, value = _split_override(item)
+        except SweepError as e:
+            raise SweepError(f"{where}: {e}") from None
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?", key):
             raise SweepError(f"{where}: --set {item}: KEY is NAME or TABLE.NAME (letters, digits, _)")
         if "." in key:
@@ -441,7 +461,7 @@ def apply_overrides(raw: dict, overrides: list[str], where: str) -> dict:
         target = raw if table is None else raw.setdefault(table, {})
         if not isinstance(target, dict):
             raise SweepError(f"{where}: --set {table}.{key}: {table} is not a table")
-        target[key] = _parse_value(text)
+        target[key] = value
         _no_dates(target[key], where, f"--set {key}")
     return raw
 
