@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,31 +19,43 @@ from jaxgrok.sweep import SweepError, load_sweep
 
 
 class _Display:
-    """A live progress bar on a terminal; one line per chunk otherwise (logs, CI, pipes)."""
+    """A live progress bar on a terminal; one line per chunk otherwise (logs, CI, pipes). It says
+    when compiling ends, and gives the elapsed time and the time left from the measured rate."""
 
     def __init__(self, total: int, live: bool):
-        self.live = live
+        self.live, self.total, self.start = live, total, time.perf_counter()
         if live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("{task.fields[info]}"),
-                                TimeRemainingColumn())
-            self.task = self.bar.add_task("train", total=total, info="compiling…")
+            self.bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                TimeElapsedColumn(), TextColumn("{task.fields[left]}"))
+            self.task = self.bar.add_task("train", total=total, stage="compiling", info="", left="")
             self.bar.start()
 
     def __call__(self, p) -> None:
+        if p.compiled_s is not None:
+            self.trained_from = time.perf_counter()
+            if self.live:
+                self.bar.update(self.task, stage="training", info=f"compiled in {p.compiled_s:.1f} s; first chunk…")
+            else:
+                print(f"compiled in {p.compiled_s:.1f} s; training", flush=True)
+            return
+        left = (p.steps_total - p.steps_done) / p.model_steps_per_s if p.model_steps_per_s > 0 else float("nan")
         info = (f"{p.steps_done:,}/{p.steps_total:,} model-steps · memorised {p.memorised} · "
                 f"grokked {p.grokked} · {p.model_steps_per_s:,.0f} model-steps/s")
         if p.n_batches > 1:
             info += f" · batch {p.batch + 1}/{p.n_batches}"
+        left_text = f"about {_duration(left)} left" if np.isfinite(left) else ""
         if self.live:
-            self.bar.update(self.task, completed=p.steps_done, info=info)
+            self.bar.update(self.task, completed=p.steps_done, info=info, left=left_text)
         else:
-            print(info, flush=True)
+            elapsed = time.perf_counter() - self.start
+            print(f"{info} · {_duration(elapsed)} elapsed{', ' + left_text if left_text else ''}", flush=True)
 
     def close(self) -> None:
         if self.live:
             self.bar.stop()
+            self.live = False
 
 
 def _summary(out: Path, result, n_done_before: int) -> str:

@@ -34,6 +34,7 @@ class Progress:
     model_steps_per_s: float  # all processes together, since this one started
     batch: int
     n_batches: int
+    compiled_s: float | None = None  # set once, when compiling is done and training starts
 
 
 @dataclass
@@ -205,6 +206,8 @@ def train_sweep(
     per_batch, init, chunk, need = _fit(program, static, len(index), train.memory_budget(), sweep.path)
     compile_s = time.perf_counter() - start  # timed apart from training
     batches, resume = _plan(sweep, index, per_batch, store)
+    if on_chunk:  # compiled: the display says training has begun, before the first chunk ends
+        on_chunk(Progress(0, 0, 0, 0, 0.0, 0, 0, compiled_s=compile_s))
     if not _agree(repr([b.tolist() for b in batches]) + str(resume)):
         # Processes saw different checkpoints: drop them all and start those runs afresh.
         store.clear_checkpoints()

@@ -10,10 +10,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
+matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text stays text: searchable, editable
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator  # noqa: E402
 
 from jaxgrok.grokking import PHASES  # noqa: E402
 
@@ -44,11 +45,11 @@ def phase_diagram(rows: list[dict], x: str, y: str | None, folder: Path) -> Path
     median = grid(lambda r: np.nan if r["t_val_median"] is None else r["t_val_median"])
     frac = grid(lambda r: r["frac_grokked"])
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2 if y else 2.6), gridspec_kw={"wspace": 0.35})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"wspace": 0.5})
     cmap = ListedColormap([PHASE_COLOURS[p] for p in PHASES])
     axes[0].imshow(phase, cmap=cmap, norm=BoundaryNorm(np.arange(-0.5, 4), 4), origin="lower", aspect="auto")
     axes[0].legend(handles=[plt.Rectangle((0, 0), 1, 1, color=PHASE_COLOURS[p]) for p in PHASES], labels=list(PHASES),
-                   loc="upper center", bbox_to_anchor=(0.5, -0.16 if y else -0.5), ncol=2, fontsize=8)
+                   loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
     axes[0].set_title("majority phase (Liu et al. 2022)")
     finite = median[np.isfinite(median)]
     im = axes[1].imshow(median, cmap="viridis", origin="lower", aspect="auto",
@@ -56,14 +57,18 @@ def phase_diagram(rows: list[dict], x: str, y: str | None, folder: Path) -> Path
     for (i, j), v in np.ndenumerate(median):
         if not np.isfinite(v):  # more than half of the cell's runs censored: median not reached
             axes[1].add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", color="0.4"))
-    fig.colorbar(im, ax=axes[1], label="median t_val (steps)")
+    if finite.size:
+        fig.colorbar(im, ax=axes[1], label="median t_val (steps)")
+    else:  # no colour scale to show: say why
+        axes[1].text(0.5, 0.5, "no cell's median reached:\nmost runs censored in every cell", ha="center", va="center",
+                     transform=axes[1].transAxes, bbox={"facecolor": "white", "alpha": 0.9})
     axes[1].set_title("median grokking time (hatched: not reached)")
     im = axes[2].imshow(frac, cmap="magma", vmin=0, vmax=1, origin="lower", aspect="auto")
     fig.colorbar(im, ax=axes[2], label="fraction grokked")
     axes[2].set_title("fraction of runs grokked")
     for ax in axes:
-        ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
-        ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys] if y else [""])
+        _ticks(ax, xs, "x")
+        _ticks(ax, ys, "y")
         ax.set_xlabel(x + (" (log)" if _spans_decades(xs) else ""))
         if y:
             ax.set_ylabel(y + (" (log)" if _spans_decades(ys) else ""))
@@ -74,53 +79,182 @@ def _label(row, keys) -> str:
     return ", ".join(f"{k}={row[k]:g}" for k in keys) or "all runs"
 
 
-def survival_curves(rows, keys, budget: float, folder: Path) -> Path:
-    """Fraction of runs not yet grokked against step, one Kaplan–Meier curve per cell."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _ticks(ax, values, axis: str = "x") -> None:
+    """Tick labels for the cells' values that never run together: thinned and tilted when many."""
+    labels = [f"{v:g}" for v in values]
+    step = max(1, int(np.ceil(len(labels) / 12)))
+    shown = [lab if i % step == 0 else "" for i, lab in enumerate(labels)]
+    tilt = 45 if axis == "x" and max(map(len, labels), default=0) * min(len(labels), 12) > 60 else 0
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(range(len(values)), shown, rotation=tilt)
+
+
+def _band(ecdf):
+    """The 95% pointwise band (log-log) of a Kaplan–Meier curve, None when no run grokked."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            return ecdf.sf.confidence_interval(0.95, method="log-log")
+        except (ValueError, RuntimeError):
+            return None
+
+
+def _survival_panel(ax, r, grid, budget, colour, label=None) -> None:
+    sf = r["_survival"].sf
+    ax.step(grid, sf.evaluate(grid), where="post", color=colour, label=label)
+    band = _band(r["_survival"])
+    if band is not None:
+        ax.fill_between(grid, band.low.evaluate(grid), band.high.evaluate(grid), step="post", color=colour, alpha=0.15, lw=0)
+    censored = r["n_runs"] - r["n_grokked"]
+    if censored:  # the runs still not grokked at the budget: censored there
+        ax.plot([budget], [sf.evaluate(budget)], "|", color=colour, ms=14, mew=2)
+        ax.annotate(f"{censored} censored", (budget, sf.evaluate(budget)), textcoords="offset points",
+                    xytext=(-4, 6), ha="right", fontsize=7, color=colour)
+
+
+def survival_curves(rows, keys, budget: float, folder: Path, max_overlaid: int = 6, max_panels: int = 36) -> Path:
+    """Fraction of runs not yet grokked against step (Kaplan–Meier) with its 95% band and the
+    censored runs marked at the budget: one axes for a few cells, small multiples for more, and a
+    stated selection (every k-th cell) beyond `max_panels`."""
     grid = np.linspace(0, budget, 400)
-    shown = rows if len(rows) <= 12 else rows[:: int(np.ceil(len(rows) / 12))]
-    for r in shown:
-        ax.step(grid, r["_survival"].sf.evaluate(grid), where="post", label=f"{_label(r, keys)} (n={r['n_runs']})")
-    ax.set(xlabel="step", ylabel="fraction not yet grokked", ylim=(-0.02, 1.02),
-           title="survival of the not-yet-grokked (Kaplan–Meier; censored at the budget)")
-    ax.legend(fontsize=7, loc="lower left")
+    title = "not yet grokked (Kaplan–Meier, 95% band; | censored at the budget)"
+    if len(rows) <= max_overlaid:
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for i, r in enumerate(rows):
+            _survival_panel(ax, r, grid, budget, f"C{i}", f"{_label(r, keys)} (n={r['n_runs']})")
+        ax.set(xlabel="step", ylabel="fraction not yet grokked", ylim=(-0.02, 1.05), title=title)
+        ax.legend(fontsize=7, loc="lower left")
+        return _save(fig, folder, "survival")
+    every = int(np.ceil(len(rows) / max_panels))
+    shown = rows[::every]
+    cols = min(6, len(shown))
+    n_rows = int(np.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 2.1 * n_rows + 0.6), sharex=True, sharey=True, squeeze=False)
+    for ax, r in zip(axes.flat, shown):
+        _survival_panel(ax, r, grid, budget, "C0")
+        ax.set_title(f"{_label(r, keys)} (n={r['n_runs']})", fontsize=7)
+        ax.set_ylim(-0.02, 1.1)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    said = f"all {len(rows)} cells" if every == 1 else f"{len(shown)} of {len(rows)} cells (one in {every}, in table order)"
+    fig.suptitle(f"{title}: {said}", fontsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("not yet grokked", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=7)
+    fig.tight_layout()
     return _save(fig, folder, "survival")
 
 
-def t_val_distribution(cols, keys, rows, folder: Path) -> Path:
-    """Histogram of grokking times over all runs, censored runs counted apart, and the ECDF."""
-    g = ~cols["censored"]
-    t = cols["t_val"][g]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    if t.size:
-        bins = np.geomspace(t.min(), t.max() * 1.001, 25) if t.max() > t.min() else 10
-        a.hist(t, bins=bins, color="#377eb8")
-        a.set_xscale("log" if t.max() > t.min() else "linear")
-    a.set(xlabel="t_val (steps)", ylabel="runs",
-          title=f"grokking time: {int(g.sum())} grokked, {int((~g).sum())} censored at {int(cols['steps'].max())}")
-    for r in rows[:8]:
-        e = r["_survival"].cdf
-        b.step(np.r_[0, e.quantiles], np.r_[0, e.probabilities], where="post", label=_label(r, keys))
-    b.set(xlabel="t_val (steps)", ylabel="fraction grokked by then", title="ECDF of grokking time (Kaplan–Meier)")
-    b.legend(fontsize=7)
+def _round_ticks(lo: float, hi: float) -> list[float]:
+    """At most four round values (1, 2, 5 × 10^k) between lo and hi, spread on a log scale."""
+    nice = [m * 10.0**k for k in range(int(np.floor(np.log10(max(lo, 1)))), int(np.ceil(np.log10(hi))) + 1)
+            for m in (1, 2, 5)]
+    inside = [v for v in nice if lo <= v <= hi]
+    return inside[:: max(1, int(np.ceil(len(inside) / 4)))]
+
+
+def t_val_distribution(cols, keys, rows, folder: Path, max_panels: int = 12) -> Path:
+    """Per cell, the histogram of grokking times (log steps) with the censored runs as a grey
+    '>budget' bar of their own: nothing pooled across cells. Beyond `max_panels` cells, cells are
+    pooled over all axes but the first, and the title says so."""
+    from jaxgrok.analyze import cell_ids
+
+    shown_keys = keys if len(rows) <= max_panels else keys[:1]
+    ids, uniq = cell_ids(cols, shown_keys)
+    budget = float(cols["steps"].max())
+    grokked = ~cols["censored"]
+    t_all = cols["t_val"][grokked]
+    lo, hi = (t_all.min(), t_all.max()) if t_all.size else (1.0, budget)
+    bins = np.geomspace(max(lo, 1) / 1.05, hi * 1.05, 20) if hi > lo else np.array([lo * 0.9, hi * 1.1])
+    n = len(uniq)
+    cols_n = min(4, n)
+    n_rows = int(np.ceil(n / cols_n))
+    fig, axes = plt.subplots(n_rows, cols_n, figsize=(3.4 * cols_n, 2.4 * n_rows + 0.6), sharex=True, squeeze=False)
+    over = bins[-1] * 1.25  # where the '>budget' bar stands, right of every grokked time
+    for c, ax in enumerate(axes.flat):
+        if c >= n:
+            ax.set_visible(False)
+            continue
+        m = ids == c
+        t = cols["t_val"][m & grokked]
+        ax.hist(t, bins=bins, color="#377eb8")
+        k = int((m & ~grokked).sum())
+        ax.bar(over, k, width=over * 0.25, color="0.6", hatch="//", edgecolor="0.3")
+        ax.set_xscale("log")
+        row = {key: uniq[c][i].item() for i, key in enumerate(shown_keys)}
+        ax.set_title(f"{_label(row, shown_keys)}: {int(m.sum()) - k} grokked, {k} censored", fontsize=8)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log axes label minor ticks: they run together
+        ax.xaxis.set_minor_locator(NullLocator())
+        ticks = _round_ticks(bins[0], bins[-1])
+        ax.set_xticks(ticks + [over], [f"{v:g}" for v in ticks] + [f">{budget:g}"], fontsize=7)
+        ax.set_xlim(bins[0] * 0.9, over * 1.3)
+    pooled = [k for k in keys if k not in shown_keys]
+    fig.suptitle("grokking time t_val per cell (steps, log); grey: censored, not grokked by the budget"
+                 + (f" — pooled over {', '.join(pooled)} ({len(rows)} cells)" if pooled else ""), fontsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("runs", fontsize=8)
+    fig.tight_layout()
     return _save(fig, folder, "t_val_distribution")
 
 
-def accuracy_curves(curves, cols, folder: Path, n: int = 6) -> Path:
-    """Train (dashed) and validation (solid) accuracy of a sample of runs on a log step axis."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+def accuracy_curves(curves, cols, keys, folder: Path, threshold: float, n: int = 6) -> Path:
+    """Train (dashed) and validation (solid) accuracy of a sample of runs, each labelled by its
+    swept values, with t_train (○) and t_val (★) marked where reached."""
+    from jaxgrok.analyze import swept_axes
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     run = curves.column("run_id").to_numpy()
     step = curves.column("step").to_numpy()
-    ids = cols["run_id"][np.linspace(0, len(cols["run_id"]) - 1, min(n, len(cols["run_id"]))).astype(int)]
-    for i, rid in enumerate(ids):
+    picks = np.linspace(0, len(cols["run_id"]) - 1, min(n, len(cols["run_id"]))).astype(int)
+    label_keys = [k for k in swept_axes(cols) if k not in keys] + keys
+    for i, row in enumerate(picks):
+        rid, colour = cols["run_id"][row], f"C{i}"
         m = run == rid
-        colour = f"C{i}"
         ax.plot(step[m], curves.column("train_acc").to_numpy()[m], "--", color=colour)
-        ax.plot(step[m], curves.column("val_acc").to_numpy()[m], "-", color=colour, label=f"run {rid}")
-    ax.set(xscale="log", xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02),
-           title="train (dashed) and validation (solid) accuracy: the delay is grokking")
-    ax.legend(fontsize=7)
+        values = {k: cols[k][row] for k in label_keys}
+        ax.plot(step[m], curves.column("val_acc").to_numpy()[m], "-", color=colour, label=_label(values, label_keys))
+        if np.isfinite(cols["t_train"][row]):
+            ax.plot(cols["t_train"][row], threshold, "o", color=colour, mfc="white")
+        if np.isfinite(cols["t_val"][row]):
+            ax.plot(cols["t_val"][row], threshold, "*", color=colour, ms=11)
+    ax.set(xscale="log", xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.05),
+           title="train (dashed) and validation (solid) accuracy; ○ t_train, ★ t_val")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, folder, "accuracy_curves")
+
+
+def along_one_axis(rows: list[dict], x: str, budget: float, folder: Path) -> Path:
+    """A sweep with one hyperparameter axis: median grokking time with its 95% interval (a ▲ at the
+    budget where the median is not reached) and the fraction grokked with its exact interval."""
+    xs = np.array([r[x] for r in rows], float)
+    order = np.argsort(xs)
+    rows, xs = [rows[i] for i in order], xs[order]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"wspace": 0.3})
+    log = _spans_decades(xs)
+    for r, xv in zip(rows, xs):
+        colour = PHASE_COLOURS[r["phase"]]
+        if r["t_val_median"] is None:
+            a.plot(xv, budget, "^", color=colour, ms=9)
+            continue
+        lo = r["t_val_median_lo"] if r["t_val_median_lo"] is not None else r["t_val_median"]
+        hi = r["t_val_median_hi"] if r["t_val_median_hi"] is not None else budget
+        a.errorbar(xv, r["t_val_median"], yerr=[[r["t_val_median"] - lo], [hi - r["t_val_median"]]], fmt="o",
+                   color=colour, capsize=3)
+    a.axhline(budget, color="0.6", ls=":", lw=1)
+    reached = [r["t_val_median_lo"] or r["t_val_median"] for r in rows if r["t_val_median"] is not None]
+    a.set_ylim(min(reached + [budget]) / 1.5, budget * 1.3)  # room for the ▲, and never a zero-height axis
+    a.set(xlabel=x, ylabel="median t_val (steps)", yscale="log",
+          title="median grokking time (95% CI; ▲ not reached by the budget)")
+    frac = np.array([r["frac_grokked"] for r in rows])
+    err = np.array([[f - r["frac_grokked_lo"], r["frac_grokked_hi"] - f] for f, r in zip(frac, rows)]).T
+    b.errorbar(xs, frac, yerr=err, fmt="o-", color="0.2", capsize=3)
+    b.set(xlabel=x, ylabel="fraction grokked", ylim=(-0.03, 1.03), title="fraction of runs grokked (exact 95% CI)")
+    for ax in (a, b):
+        if log:
+            ax.set_xscale("log")
+    a.legend(handles=[plt.Line2D([], [], marker="o", ls="", color=PHASE_COLOURS[p]) for p in PHASES], labels=list(PHASES),
+             fontsize=7, title="majority phase", title_fontsize=7)
+    return _save(fig, folder, "phase_diagram")
 
 
 MEASURE_LABELS = {
@@ -360,11 +494,14 @@ def write(results_dir: Path, cols, resolved, rows, keys, sens_rows, notes, curve
         from jaxgrok.analyze import cell_stats
 
         by_axes = rows if axes == keys else cell_stats(cols, axes)  # other axes pooled
-        figs["phase_diagram"] = phase_diagram(by_axes, axes[0], axes[1] if len(axes) > 1 else None, folder)
+        if len(axes) == 1:
+            figs["phase_diagram"] = along_one_axis(by_axes, axes[0], float(cols["steps"].max()), folder)
+        else:
+            figs["phase_diagram"] = phase_diagram(by_axes, axes[0], axes[1], folder)
     figs["survival"] = survival_curves(rows, keys, float(cols["steps"].max()), folder)
     figs["t_val_distribution"] = t_val_distribution(cols, keys, rows, folder)
     if curves is not None:
-        figs["accuracy_curves"] = accuracy_curves(curves, cols, folder)
+        figs["accuracy_curves"] = accuracy_curves(curves, cols, keys, folder, resolved["grokking"]["threshold"])
     if warn and warn["present"] and (~cols["censored"]).any():
         figs["measures_aligned"] = aligned_measures(warn["present"], warn["steps"], cols, warn["ids"], warn["uniq"],
                                                     keys, folder)

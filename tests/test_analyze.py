@@ -1,5 +1,7 @@
 """Statistics on hand-computed examples, the figures, the report, and bad input."""
 
+import warnings
+
 import matplotlib.image
 import numpy as np
 import pyarrow as pa
@@ -109,3 +111,42 @@ def test_one_seed_per_cell_is_said_in_the_report(tmp_path):
     html = (out / "report.html").read_text()
     assert "Fewer than 2 seeds in every cell: no spread to report." in html
     assert not (out / "sensitivity.parquet").exists()
+
+
+def _synthetic(n_cells: int, censored_everywhere: bool = False, seeds: int = 4):
+    """runs columns for `n_cells` weight decays × `seeds` seeds, with made-up grokking times."""
+    rng = np.random.default_rng(0)
+    wd = np.repeat(np.geomspace(0.01, 10, n_cells), seeds)
+    t_val = rng.uniform(100, 900, len(wd)).round()
+    censored = np.ones(len(wd), bool) if censored_everywhere else rng.random(len(wd)) < 0.3
+    t_val[censored] = np.nan
+    return {"run_id": np.arange(len(wd)), "seed": np.tile(np.arange(seeds), n_cells), "weight_decay": wd,
+            "learning_rate": np.full(len(wd), 1e-3), "steps": np.full(len(wd), 1000), "t_val": t_val,
+            "t_train": np.full(len(wd), 50.0), "censored": censored,
+            "phase": np.where(censored, "memorization", "grokking")}
+
+
+@pytest.mark.parametrize("n_cells,all_censored", [(1, False), (3, False), (5, True), (50, False)])
+def test_figures_for_one_axis_all_censored_and_many_cells(tmp_path, n_cells, all_censored):
+    from jaxgrok import report
+
+    cols = _synthetic(n_cells, all_censored)
+    rows = analyze.cell_stats(cols, ["weight_decay"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no library warning reaches the user
+        one = report.along_one_axis(rows, "weight_decay", 1000.0, tmp_path)
+        surv = report.survival_curves(rows, ["weight_decay"], 1000.0, tmp_path)
+        dist = report.t_val_distribution(cols, ["weight_decay"], rows, tmp_path)
+    assert one.exists() and surv.exists() and dist.exists()
+    svg = (tmp_path / "survival.svg").read_text()
+    shown = n_cells if n_cells <= 36 else 25  # beyond 36 panels: one cell in two
+    assert svg.count("(n=4)") == shown  # every shown cell is labelled
+    if n_cells > 36:
+        assert "25 of 50 cells (one in 2" in svg  # a stated selection, never a silent subset
+    dist_svg = (tmp_path / "t_val_distribution.svg").read_text()
+    assert "&gt;1000" in dist_svg  # censored runs are a bar of their own
+    if all_censored:
+        cols2 = {**cols, "learning_rate": np.tile([1e-3, 1e-2], len(cols["run_id"]) // 2)}
+        rows2 = analyze.cell_stats(cols2, ["weight_decay", "learning_rate"])
+        report.phase_diagram(rows2, "weight_decay", "learning_rate", tmp_path)
+        assert "no cell" in (tmp_path / "phase_diagram.svg").read_text()

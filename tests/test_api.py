@@ -41,6 +41,11 @@ def test_an_overridden_sweep_leaves_the_original_results_untouched(tmp_path, mon
     assert main(["run", str(sweep), "--no-analyze", "--set", "steps=100", "--set", "weight_decay=[1, 2, 3]"]) == 0
     said = capsys.readouterr().out
     assert "with --set: results in results/tiny-set-" in said and "results/tiny keeps" in said
+    # Progress: compiling is said to be over before the first chunk ends; then elapsed and left.
+    lines = said.splitlines()
+    first = next(i for i, ln in enumerate(lines) if "model-steps ·" in ln)
+    assert any(ln.startswith("compiled in ") for ln in lines[:first])
+    assert "elapsed" in lines[first] and "left" in lines[first]
     assert {p: p.read_bytes() for p in original} == original
     [own] = (tmp_path / "results").glob("tiny-set-*")
     assert pq.read_table(own / "runs.parquet").num_rows == 9

@@ -54,6 +54,8 @@ def interrupt(sweep_path, out, after: int = 1, overrides=()):
     seen = []
 
     def on_chunk(progress):
+        if progress.compiled_s is not None:  # compiling is done: not a chunk
+            return
         seen.append(progress)
         if len(seen) == after:
             store.stop_signal = signal.SIGTERM
