@@ -54,9 +54,11 @@ class Results:
         return pq.read_table(path)
 
     def pandas(self, name: str):
+        _need("pandas")
         return self.table(name).to_pandas()
 
     def polars(self, name: str):
+        _need("polars")
         import polars as pl
 
         return pl.from_arrow(self.table(name))
@@ -64,6 +66,13 @@ class Results:
     runs = property(lambda self: self.pandas("runs"))
     curves = property(lambda self: self.pandas("curves"))
     stats = property(lambda self: self.pandas("stats"))
+
+
+def _need(module: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(f"{module} is not installed (pip install {module}); Results.table(name) gives pyarrow")
 
 
 def load(path: str | Path) -> Results:
