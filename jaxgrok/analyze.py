@@ -337,8 +337,7 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
         results.check_pair(results_dir / "runs.parquet", curves_path)
         curves = results.read(curves_path, "curves")
         n_evals = resolved["train"]["steps"] // resolved["train"]["eval_every"]
-        ids, counts = np.unique(curves.column("run_id").to_numpy(), return_counts=True)
-        if not (np.array_equal(ids, np.sort(cols["run_id"])) and (counts == n_evals).all()):
+        if not results.every_evaluation(curves.column("run_id").to_pylist(), cols["run_id"].tolist(), n_evals):
             raise AnalysisError(f"{results_dir / 'runs.parquet'} and {curves_path} disagree: the curves hold "
                                 f"{curves.num_rows} rows, not the {n_evals} evaluations of each of {len(cols['run_id'])} runs")
     keys = cell_axes(cols)

@@ -101,7 +101,7 @@ def run(sweep: str | Path | dict, *, set: dict | list | None = None, out: str | 
     args = argparse.Namespace(out=str(out) if out else None, set=overrides, quiet=not progress,
                               no_analyze=not analyze, restart=restart, checkpoint_every=checkpoint_every,
                               shard=None, distributed=False, dry_run=False, x=None, y=None)
-    target = Path(out) if out else cli.default_out(loaded, overrides)
+    target = cli.out_dir(loaded, args.out, overrides)
     code = cli.run_sweep(loaded, args)
     if code:
         raise SweepError(f"{loaded.path}: the run stopped (exit {code}); run it again to resume")

@@ -23,7 +23,7 @@ class _Display:
     when compiling ends, and gives the elapsed time and the time left from the measured rate."""
 
     def __init__(self, total: int, live: bool):
-        self.live, self.total, self.start = live, total, time.perf_counter()
+        self.live, self.start = live, time.perf_counter()
         if live:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -34,7 +34,6 @@ class _Display:
 
     def __call__(self, p) -> None:
         if p.compiled_s is not None:
-            self.trained_from = time.perf_counter()
             if self.live:
                 self.bar.update(self.task, stage="training", info=f"compiled in {p.compiled_s:.1f} s; first chunk…")
             else:
@@ -106,11 +105,13 @@ def _start_processes(args) -> None:
         jax.distributed.initialize()
 
 
-def default_out(sweep, overrides) -> Path:
-    """results/NAME, or for a sweep with overrides results/NAME-set-HASH: an overridden sweep never
-    lands in (and never replaces) the results of the file as it is."""
+def out_dir(sweep, out: str | None, overrides) -> Path:
+    """`--out`, else results/NAME, or for a sweep with overrides results/NAME-set-HASH: an
+    overridden sweep never lands in (and never replaces) the results of the file as it is."""
     from jaxgrok.sweep import overrides_id
 
+    if out:
+        return Path(out)
     return Path("results") / (f"{sweep.name}-set-{overrides_id(overrides)}" if overrides else sweep.name)
 
 
@@ -129,10 +130,9 @@ def run_sweep(sweep, args) -> int:
     from jaxgrok import lock, train
 
     train.check_fits(sweep, train.memory_budget())  # before anything is written
+    out = out_dir(sweep, args.out, args.set)
     if args.dry_run:
-        return _dry_run(sweep, args)
-
-    out = Path(args.out) if args.out else default_out(sweep, args.set)
+        return _dry_run(sweep, out)
     if args.set and not args.out and not args.quiet and jax.process_index() == 0:
         print(f"with --set: results in {out} ({Path('results') / sweep.name} keeps the sweep file's own)", flush=True)
     shard_tag = f"s{shard}of{n_shards}" if n_shards > 1 else ""
@@ -163,11 +163,10 @@ def _remove_if_empty(out: Path) -> None:
     """Remove a results directory this run created, if it holds nothing but its lock and empty folders."""
     for f in out.glob(".lock*"):
         f.unlink()
-    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    if not any(out.iterdir()):
-        out.rmdir()
+    from jaxgrok.store import _rmdir_if_empty
+
+    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [out]:
+        _rmdir_if_empty(folder)
 
 
 def _run(args, sweep, out: Path, shard: int, n_shards: int, shard_tag: str) -> int:
@@ -221,26 +220,25 @@ def _run(args, sweep, out: Path, shard: int, n_shards: int, shard_tag: str) -> i
 
 def _other_version(out: Path, sweep, n_others: int) -> str:
     """One line: DIR holds runs that this sweep does not have (another version of the file)."""
-    from jaxgrok import results
-    from jaxgrok.sweep import differences
+    import pyarrow as pa
+
+    from jaxgrok.sweep import said_differences
 
     what = ""
     try:
         before = json.loads(pq.read_schema(out / "runs.parquet").metadata[b"jaxgrok.sweep"])
-        changed = differences(before, sweep.resolved)
-        what = " (differs in: " + "; ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in list(changed.items())[:3]) + ")" if changed else ""
-    except (OSError, KeyError, ValueError, TypeError, results.pa.ArrowException):
+        what = f" (differs in: {said})" if (said := said_differences(before, sweep.resolved, 3)) else ""
+    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):  # no readable runs.parquet: no details
         pass
     return (f"{out} also holds {n_others} runs of another version of this sweep{what}: they stay in "
             f"{out / 'parts'} and are left out of runs.parquet")
 
 
-def _dry_run(sweep, args) -> int:
+def _dry_run(sweep, out: Path) -> int:
     from jaxgrok import engine
     from jaxgrok.train import human_bytes
 
     d = engine.dry_run(sweep)
-    out = Path(args.out) if args.out else default_out(sweep, args.set)
     batch = human_bytes(d["batch_bytes"]) + " per device (XLA)" if d["batch_bytes"] else "not reported by this backend"
     print(f"{sweep.name}: {d['runs']:,} runs × {d['steps']:,} steps = {d['model_steps']:,} model-steps "
           f"({sweep.static.model.kind} on {sweep.static.task.op}); following {sweep.paper}\n"

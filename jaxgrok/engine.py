@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxgrok import grokking, measures, results, train
 from jaxgrok.store import Interrupted, Store
-from jaxgrok.sweep import Sweep, SweepError, differences
+from jaxgrok.sweep import Sweep, SweepError, said_differences
 
 
 @dataclass
@@ -87,6 +87,13 @@ def _runs_table(sweep, index, curves, outcomes, energies):
     return results.runs_table(sweep, index, outcomes, {m: c[:, -1] for m, c in curves.items()}, key_freqs)
 
 
+def _batch_hparams(sweep: Sweep, rows: np.ndarray, per_batch: int, program: train.Program):
+    """The Hparams of a batch: every batch has the same shape (the last is padded with copies of
+    its last run) so that nothing recompiles."""
+    padded = np.concatenate([rows, np.full(per_batch - len(rows), rows[-1])])
+    return _global(train.hparams_for(sweep, padded), program.sharding)
+
+
 def _stop_requested(store: Store) -> bool:
     """Whether any process was asked to stop: all must checkpoint together (orbax saves collectively)."""
     asked = store.stop_signal is not None
@@ -112,15 +119,15 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
         rows = np.array([position.get(h, -1) for h in cursor["run_hashes"]])
         where = store.manager.directory
         if not ((rows >= 0).all() and np.isin(rows, todo).all()):
-            changed = differences(cursor.get("sweep", {}), sweep.resolved)
-            said = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in list(changed.items())[:4]) or "its runs"
+            said = said_differences(cursor.get("sweep", {}), sweep.resolved) or "its runs"
             raise SweepError(f"{where}: holds a batch in progress of runs that {sweep.path} no longer has "
                              f"(changed since: {said}); run the file as it was to finish that batch, "
                              f"or --restart to discard it and everything in {store.out}")
-        saved = cursor.get("runs_per_batch")
-        why = ("it was saved by an older jaxgrok, which counted chunks, not steps" if "steps_done" not in cursor
-               else f"it holds a batch of {saved} runs and batches are now of {per_batch}"
-               if saved != per_batch or len(rows) > per_batch else "")
+        why = ""
+        if "steps_done" not in cursor:
+            why = "it was saved by an older jaxgrok, which counted chunks, not steps"
+        elif cursor.get("runs_per_batch") != per_batch:
+            why = f"it holds a batch of {cursor.get('runs_per_batch')} runs and batches are now of {per_batch}"
         if why:  # the saved arrays hold a whole padded batch: only a batch of that size takes them back
             print(f"jaxgrok: {where}: {why}; its {len(rows)} runs train again from step 0", file=sys.stderr)
             store.clear_checkpoints()
@@ -133,7 +140,10 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
 
 
 def _out_of_memory(error: Exception) -> bool:
-    """Whether an XLA error says the device ran out of memory (at allocation or while running)."""
+    """Whether an XLA error says the device ran out of memory (at allocation or while running). A
+    failed write (a full disk says RESOURCE_EXHAUSTED too, through tensorstore) never does."""
+    if isinstance(error, OSError):
+        return False
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
@@ -219,9 +229,7 @@ def train_sweep(
     thr = static.grokking.threshold
 
     def batch_hparams(rows):
-        # Every batch has the same shape (the last is padded with copies) so nothing recompiles.
-        padded = np.concatenate([rows, np.full(per_batch - len(rows), rows[-1])])
-        return _global(train.hparams_for(sweep, padded), program.sharding)
+        return _batch_hparams(sweep, rows, per_batch, program)
 
     def catch_up(n: int):
         """A chunk of `n` evaluations: a checkpoint saved between two chunks of another chunk_steps
@@ -291,7 +299,7 @@ def train_sweep(
         try:
             curves, rows, energies = train_batch(b, batches[b])
         except Exception as error:  # XLA's out-of-memory error has no class of its own
-            if isinstance(error, OSError) or not _out_of_memory(error) or per_batch == n_dev:
+            if not _out_of_memory(error) or per_batch == n_dev:
                 raise
             # Halve the batch, compile once more, and train this batch's runs and the rest again in
             # the smaller batches; finished batches are kept (and a checkpoint of the failed one,
@@ -358,9 +366,7 @@ def dry_run(sweep: Sweep, devices=None, vectorize: bool | None = None) -> dict:
     t = time.perf_counter()
     per_batch, init, _, need = _fit(program, static, sweep.n_runs, train.memory_budget(), sweep.path)
     compile_s = time.perf_counter() - t
-    rows = np.arange(min(per_batch, sweep.n_runs))
-    hp = _global(train.hparams_for(sweep, np.concatenate([rows, np.full(per_batch - len(rows), rows[-1])])),
-                 program.sharding)
+    hp = _batch_hparams(sweep, np.arange(min(per_batch, sweep.n_runs)), per_batch, program)
     one = train.make_program(static, devices, vectorize, evals=1).chunk  # one evaluation interval
     state, metrics = one(init(hp), hp, np.int32(0))  # compiles, and warms up
     jax.block_until_ready(metrics)

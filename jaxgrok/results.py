@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import platform
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,12 @@ def read(path: str | Path, kind: str) -> pa.Table:
     if kind == "runs" and (unknown := set(table.column("phase").to_pylist()) - set(PHASES)):
         raise ResultsError(f"{path}: column phase holds {sorted(map(str, unknown))[0]!r}, not one of {', '.join(PHASES)}")
     return table
+
+
+def every_evaluation(curve_keys: list, run_keys: list, n_evals: int) -> bool:
+    """Whether a curves table's run keys (hashes or ids, one per row) hold exactly `n_evals` rows for
+    each run of `run_keys`, and nothing else."""
+    return Counter(curve_keys) == dict.fromkeys(run_keys, n_evals)
 
 
 def check_pair(runs_path: str | Path, curves_path: str | Path) -> None:

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import sys
-from collections import Counter
 from pathlib import Path
 
 import jax
@@ -286,7 +285,7 @@ def verify_part(runs_path: Path, curves_path: Path) -> list[str]:
     missing = [c for c in (*results.CURVES_SCHEMA.names, "run_hash") if c not in curves.column_names]
     if missing:
         raise DamagedPart(f"{curves_path.name} lacks the columns {', '.join(missing)}")
-    if Counter(curves.column("run_hash").to_pylist()) != dict.fromkeys(hashes, n_evals):
+    if not results.every_evaluation(curves.column("run_hash").to_pylist(), hashes, n_evals):
         raise DamagedPart(f"{curves_path.name} holds {curves.num_rows} rows, not the {n_evals} evaluations "
                           f"of each of the {len(hashes)} runs of {runs_path.name}")
     return hashes

@@ -259,6 +259,12 @@ def differences(a: dict, b: dict) -> dict[str, tuple]:
             if k not in skip and fa.get(k) != fb.get(k)}
 
 
+def said_differences(a: dict, b: dict, at_most: int = 4) -> str:
+    """What differs between two resolved sweeps, for a one-line message: "train.steps: 600 → 400; …"."""
+    changed = list(differences(a, b).items())
+    return "; ".join(f"{k}: {va!r} → {vb!r}" for k, (va, vb) in changed[:at_most]) + ("; …" if len(changed) > at_most else "")
+
+
 def varying(runs: dict[str, np.ndarray]) -> list[str]:
     """The axes that take more than one value; batch_seed only where it is not the model seed's."""
     out = [a for a in AXES if len(np.unique(runs[a])) > 1]

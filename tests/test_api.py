@@ -56,7 +56,7 @@ def test_an_overridden_sweep_leaves_the_original_results_untouched(tmp_path, mon
     write_raw(sweep, make_raw(train={**TRAIN, "steps": 100}))
     assert main(["run", str(sweep), "--no-analyze"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "another version" in ln]
-    assert len(lines) == 1 and "6 runs of another version" in lines[0] and "train.steps 200 → 100" in lines[0]
+    assert len(lines) == 1 and "6 runs of another version" in lines[0] and "train.steps: 200 → 100" in lines[0]
 
 
 def test_dry_run_writes_nothing_and_says_what_a_run_would_take(tmp_path, monkeypatch, capsys):
