@@ -104,11 +104,14 @@ def _survival_panel(ax, r, grid, budget, colour, label=None) -> None:
     band = _band(r["_survival"])
     if band is not None:
         ax.fill_between(grid, band.low.evaluate(grid), band.high.evaluate(grid), step="post", color=colour, alpha=0.15, lw=0)
-    censored = r["n_runs"] - r["n_grokked"]
-    if censored:  # the runs still not grokked at the budget: censored there
+    if r["n_runs"] > r["n_grokked"]:  # the runs still not grokked at the budget: censored there
         ax.plot([budget], [sf.evaluate(budget)], "|", color=colour, ms=14, mew=2)
-        ax.annotate(f"{censored} censored", (budget, sf.evaluate(budget)), textcoords="offset points",
-                    xytext=(-4, 6), ha="right", fontsize=7, color=colour)
+
+
+def _cell_title(r, keys) -> str:
+    """A cell's name with its counts (in the legend or the panel title: never on the curves, where
+    two cells ending at one level would write over each other)."""
+    return f"{_label(r, keys)} (n={r['n_runs']}, {r['n_runs'] - r['n_grokked']} censored)"
 
 
 def survival_curves(rows, keys, budget: float, folder: Path, max_overlaid: int = 6, max_panels: int = 36) -> Path:
@@ -120,7 +123,7 @@ def survival_curves(rows, keys, budget: float, folder: Path, max_overlaid: int =
     if len(rows) <= max_overlaid:
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         for i, r in enumerate(rows):
-            _survival_panel(ax, r, grid, budget, f"C{i}", f"{_label(r, keys)} (n={r['n_runs']})")
+            _survival_panel(ax, r, grid, budget, f"C{i}", _cell_title(r, keys))
         ax.set(xlabel="step", ylabel="fraction not yet grokked", ylim=(-0.02, 1.05), title=title)
         ax.legend(fontsize=7, loc="lower left")
         return _save(fig, folder, "survival")
@@ -131,7 +134,7 @@ def survival_curves(rows, keys, budget: float, folder: Path, max_overlaid: int =
     fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 2.1 * n_rows + 0.6), sharex=True, sharey=True, squeeze=False)
     for ax, r in zip(axes.flat, shown):
         _survival_panel(ax, r, grid, budget, "C0")
-        ax.set_title(f"{_label(r, keys)} (n={r['n_runs']})", fontsize=7)
+        ax.set_title(_cell_title(r, keys), fontsize=7)
         ax.set_ylim(-0.02, 1.1)
     for ax in axes.flat[len(shown):]:
         ax.set_visible(False)
@@ -182,7 +185,8 @@ def t_val_distribution(cols, keys, rows, folder: Path, max_panels: int = 12) -> 
         ax.bar(over, k, width=over * 0.25, color="0.6", hatch="//", edgecolor="0.3")
         ax.set_xscale("log")
         row = {key: uniq[c][i].item() for i, key in enumerate(shown_keys)}
-        ax.set_title(f"{_label(row, shown_keys)}: {int(m.sum()) - k} grokked, {k} censored", fontsize=8)
+        # two lines: a cell named by several axes never runs into the next panel's title
+        ax.set_title(f"{_label(row, shown_keys)}\n{int(m.sum()) - k} grokked, {k} censored", fontsize=7)
         ax.xaxis.set_minor_formatter(NullFormatter())  # log axes label minor ticks: they run together
         ax.xaxis.set_minor_locator(NullLocator())
         ticks = _round_ticks(bins[0], bins[-1])

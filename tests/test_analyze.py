@@ -140,7 +140,7 @@ def test_figures_for_one_axis_all_censored_and_many_cells(tmp_path, n_cells, all
     assert one.exists() and surv.exists() and dist.exists()
     svg = (tmp_path / "survival.svg").read_text()
     shown = n_cells if n_cells <= 36 else 25  # beyond 36 panels: one cell in two
-    assert svg.count("(n=4)") == shown  # every shown cell is labelled
+    assert svg.count("(n=4, ") == shown  # every shown cell is labelled, with its censored count
     if n_cells > 36:
         assert "25 of 50 cells (one in 2" in svg  # a stated selection, never a silent subset
     dist_svg = (tmp_path / "t_val_distribution.svg").read_text()
