@@ -8,10 +8,17 @@ curves) -> grokking (t_train, t_val, phase) -> results (Parquet) -> analyze (sta
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
-    """`jaxgrok.run`, `jaxgrok.load`, `jaxgrok.Results` (jaxgrok/api.py), imported when first used."""
-    if name in ("run", "load", "Results"):
-        from jaxgrok import api
+# The public names, each imported from its module when first used (`import jaxgrok` stays light).
+PUBLIC = {
+    "run": "api", "load": "api", "Results": "api",  # sweeps from Python (api.py)
+    "register_task": "registry", "register_model": "registry",  # your own task or model (registry.py)
+    "Table": "tasks", "Model": "models",  # what a registered task's table() and model's build() return
+}
 
-        return getattr(api, name)
+
+def __getattr__(name):
+    if name in PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(f"jaxgrok.{PUBLIC[name]}"), name)
     raise AttributeError(f"module 'jaxgrok' has no attribute {name!r}")

@@ -1,5 +1,8 @@
 """Models as pure functions: `init(key) -> params` and `apply(params, pairs[N, 2]) -> logits[N, C]`.
 
+The built-in models read two operands (a, b); a registered model (registry.py) reads the L tokens of
+its task's examples.
+
 Plain JAX over dict pytrees, so that `jax.vmap` over a run axis turns one model into hundreds.
 Initializations follow the reference implementations each model comes from.
 """
@@ -19,7 +22,9 @@ class Model(NamedTuple):
     apply: Callable  # (params, pairs int32[N, 2]) -> logits float32[N, n_classes]
     forward_flops: Callable  # n_pairs -> matmul FLOPs of one forward pass (2·m·n·k each)
     activations: Callable  # n_pairs -> floats one forward pass keeps for the backward pass
-    embedding: Callable  # params -> float32[n_symbols, D]: the operands' embeddings, for the measures
+    # params -> float32[n_symbols, D]: the operands' embeddings, for the Fourier measures (None: the
+    # model has none, and those measures are off)
+    embedding: Callable | None = None
 
 
 def _uniform(key, shape, fan_in):
@@ -191,8 +196,13 @@ def gromov(cfg, n_symbols: int, n_classes: int) -> Model:
 BUILDERS = {"mlp": mlp, "transformer": transformer, "gromov": gromov}
 
 
-def build(cfg, n_symbols: int, n_classes: int) -> Model:
-    return BUILDERS[cfg.kind](cfg, n_symbols, n_classes)
+def build(cfg, n_symbols: int, n_classes: int, n_inputs: int = 2) -> Model:
+    """A built-in model of two operands, or a registered one (its own `build`, held to the contract)."""
+    if cfg.kind in BUILDERS:
+        return BUILDERS[cfg.kind](cfg, n_symbols, n_classes)
+    from jaxgrok import registry
+
+    return registry.check_model(cfg, n_symbols, n_classes, n_inputs)
 
 
 def n_params(params) -> int:

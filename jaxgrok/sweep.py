@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxgrok import tasks
+from jaxgrok import registry, tasks
 
 # The axes that vary inside one compiled program, in the order runs are enumerated (last fastest).
 AXES = ("grokfast_alpha", "grokfast_lambda", "train_fraction", "init_scale", "learning_rate", "weight_decay",
@@ -43,6 +43,7 @@ AXIS_DEFAULTS |= LATER_AXES
 # Likewise [train] keys added later: left out of the run hash at their default.
 LATER_TRAIN = {"precision": "float32"}
 PRECISIONS = ("float32", "tf32", "bfloat16")
+OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # a folder name under results/, nowhere else
@@ -124,8 +125,10 @@ class TrainConfig:
     beta1: float = field(default=0.9, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     beta2: float = field(default=0.98, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     # adamw: decoupled weight decay (Loshchilov & Hutter); adam: torch.optim.Adam's weight_decay,
-    # an L2 term added to the gradient before the moments (devinterp's and Grokfast's code use it).
-    optimizer: str = field(default="adamw", metadata=_check(lambda v: v in ("adamw", "adam"), "must be adamw or adam"))
+    # an L2 term added to the gradient before the moments (devinterp's and Grokfast's code use it);
+    # sgd: plain (minibatch or full-batch) gradient descent, weight decay as torch.optim.SGD's L2
+    # term, no momentum (Gromov 2023; Barak et al. 2022). beta1 and beta2 are Adam's only.
+    optimizer: str = field(default="adamw", metadata=_check(lambda v: v in OPTIMIZERS, "must be adamw, adam or sgd"))
     loss: str = field(default="auto", metadata=_check(lambda v: v in ("auto", "cross_entropy", "mse"), "must be auto, cross_entropy or mse"))
     chunk_steps: int = field(default=1000, metadata=_check(lambda v: v > 0, "must be > 0"))
     max_runs_per_batch: int = field(default=0, metadata=_check(lambda v: v >= 0, "must be ≥ 0 (0 = fit to memory)"))
@@ -209,7 +212,7 @@ class Sweep:
     @functools.cached_property
     def n_train(self) -> np.ndarray:
         """Training pairs per run: round(train_fraction · N) of the task's N pairs."""
-        return n_train(self.runs["train_fraction"], tasks.n_pairs(self.static.task))
+        return n_train(self.runs["train_fraction"], tasks.sizes(self.static.task).n_pairs)
 
     @functools.cached_property
     def run_hashes(self) -> list[str]:
@@ -313,7 +316,10 @@ def _build(cls, table: dict, where: str):
             if not pred(value):
                 raise SweepError(f"{where}.{name}: {msg}, got {value!r}")
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # a registered class's own checks (__post_init__)
+        raise SweepError(f"{where}: {e}") from None
 
 
 def _axis_values(name, value, where) -> list:
@@ -416,9 +422,16 @@ def _tables_with(key: str, raw: dict) -> list[str]:
     present = [t for t, v in raw.items() if isinstance(v, dict) and key in v]
     if present:
         return present
+    def named(what, builtin, default):  # the class of the file's task or model, if it names a known one
+        name = raw.get(what, {}).get(registry.NAME_KEY[what]) if isinstance(raw.get(what), dict) else None
+        try:
+            return builtin.get(name) or (registry.lookup(what, name) if isinstance(name, str) else None) or default
+        except ValueError:
+            return default
+
     schema = {
-        "task": TaskConfig, "train": TrainConfig, "grokking": GrokkingConfig, "measures": MeasuresConfig,
-        "model": MODELS.get(raw.get("model", {}).get("kind"), MLPConfig),
+        "task": named("task", dict.fromkeys(tasks.OPS, TaskConfig), TaskConfig), "train": TrainConfig,
+        "grokking": GrokkingConfig, "measures": MeasuresConfig, "model": named("model", MODELS, MLPConfig),
     }
     found = [t for t, cls in schema.items() if key in {f.name for f in dataclasses.fields(cls)}]
     return found + (["sweep"] if key in AXES else [])
@@ -510,6 +523,73 @@ def read_toml(path: Path) -> dict:
     return raw
 
 
+def _task(table, where: str):
+    """[task]: a built-in operation (op, p) or a registered task (op and its own keys)."""
+    if not isinstance(table, dict):
+        raise SweepError(f"{where}: task: must be a table")
+    op = table.get("op")
+    if op is None:
+        raise SweepError(f"{where}: task.op: missing required key")
+    if not isinstance(op, str):
+        raise SweepError(f"{where}: task.op: must be a string, got {op!r}")
+    if op not in tasks.OPS:
+        cls = _lookup("task", op, where)
+        return _build(cls, {k: v for k, v in table.items() if k != "op"}, f"{where}: task")
+    task = _build(TaskConfig, table, f"{where}: task")
+    if task.op in tasks.MODULAR_OPS:
+        if task.p == 0:
+            raise SweepError(f"{where}: task.p: missing required key for task {task.op}")
+        if task.op in tasks.NEEDS_PRIME and not tasks.is_prime(task.p):
+            raise SweepError(f"{where}: task.p: {task.op} needs a prime modulus, got {task.p}")
+    elif task.p != 0:
+        raise SweepError(f"{where}: task.p: task {task.op} takes no modulus")
+    return task
+
+
+def _model(table, where: str, size: tasks.Sizes):
+    """[model]: a built-in model (of two operands) or a registered one, held to its contract."""
+    if not isinstance(table, dict) or "kind" not in table:
+        raise SweepError(f"{where}: model.kind: missing required key")
+    kind = table["kind"]
+    if not isinstance(kind, str):
+        raise SweepError(f"{where}: model.kind: must be a string, got {kind!r}")
+    if kind not in MODELS:
+        model = _build(_lookup("model", kind, where), {k: v for k, v in table.items() if k != "kind"}, f"{where}: model")
+        try:
+            _registered_model(model, size)
+        except ValueError as e:
+            raise SweepError(f"{where}: {e}") from None
+        return model
+    model = _build(MODELS[kind], table, f"{where}: model")
+    if size.n_inputs != 2:
+        raise SweepError(f"{where}: model.kind: {kind} reads two operands (a, b); the task's examples have "
+                         f"{size.n_inputs} tokens: use a model registered for it")
+    if model.kind == "transformer" and model.d_model % model.n_heads:
+        raise SweepError(f"{where}: model.n_heads: must divide d_model ({model.d_model}), got {model.n_heads}")
+    return model
+
+
+def _registered_model(model, size: tasks.Sizes):
+    return _checked_model(model, size.n_symbols, size.n_classes, size.n_inputs)
+
+
+@functools.lru_cache(maxsize=32)
+def _checked_model(model, n_symbols, n_classes, n_inputs):
+    return registry.check_model(model, n_symbols, n_classes, n_inputs)
+
+
+def _lookup(what: str, name: str, where: str):
+    key = f"{what}.{registry.NAME_KEY[what]}"
+    try:
+        cls = registry.lookup(what, name)
+    except ValueError as e:
+        raise SweepError(f"{where}: {key}: {e}") from None
+    if cls is None:
+        raise SweepError(f"{where}: {key}: unknown {what} {name!r}; one of {', '.join(registry.known(what))} "
+                         f"(or register one: see README, Your own model or task)")
+    return cls
+
+
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     """Read, override and validate a sweep file; every problem raises one SweepError line."""
     path = Path(path)
@@ -535,23 +615,12 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
         raise SweepError(f"{where}: name: letters, digits, '-', '_' and '.' only, not starting with '.', "
                          f"at most 100; got {raw['name']!r}")
 
-    task = _build(TaskConfig, raw["task"], f"{where}: task")
-    if task.op in tasks.MODULAR_OPS:
-        if task.p == 0:
-            raise SweepError(f"{where}: task.p: missing required key for task {task.op}")
-        if task.op in tasks.NEEDS_PRIME and not tasks.is_prime(task.p):
-            raise SweepError(f"{where}: task.p: {task.op} needs a prime modulus, got {task.p}")
-    elif task.p != 0:
-        raise SweepError(f"{where}: task.p: task {task.op} takes no modulus")
-
-    model_raw = raw["model"]
-    if not isinstance(model_raw, dict) or "kind" not in model_raw:
-        raise SweepError(f"{where}: model.kind: missing required key")
-    if not isinstance(model_raw["kind"], str) or model_raw["kind"] not in MODELS:
-        raise SweepError(f"{where}: model.kind: unknown model {model_raw['kind']!r}; one of {', '.join(MODELS)}")
-    model = _build(MODELS[model_raw["kind"]], model_raw, f"{where}: model")
-    if model.kind == "transformer" and model.d_model % model.n_heads:
-        raise SweepError(f"{where}: model.n_heads: must divide d_model ({model.d_model}), got {model.n_heads}")
+    task = _task(raw["task"], where)
+    try:
+        size = tasks.sizes(task)  # a registered task's table is built (and checked) here
+    except ValueError as e:
+        raise SweepError(f"{where}: {e}") from None
+    model = _model(raw["model"], where, size)
 
     train = _build(TrainConfig, raw["train"], f"{where}: train")
     if train.steps > MAX_STEPS:
@@ -565,20 +634,25 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
     measures = _build(MeasuresConfig, raw.get("measures", {}), f"{where}: measures")
     asked = raw.get("measures", {})
     modular = task.op in tasks.MODULAR_OPS
-    for key in ("fourier", "circularity"):
+    # The Fourier measures read the embedding of the residues: a built-in model's, or a registered
+    # model's `embedding` where it has one.
+    embedded = model.kind in MODELS or _registered_model(model, size).embedding is not None
+    for key in ("fourier", "circularity", "restricted_loss"):
         if asked.get(key) and not modular:
             raise SweepError(f"{where}: measures.{key}: needs a modular task (residues 0..p-1), not {task.op}")
+        if asked.get(key) and not embedded:
+            raise SweepError(f"{where}: measures.{key}: model {model.kind} has no embedding (Model.embedding is None)")
     if asked.get("restricted_loss") and task.op not in tasks.SUM_OPS:
         raise SweepError(f"{where}: measures.restricted_loss: defined for {' and '.join(tasks.SUM_OPS)} only, not {task.op}")
     # Measures that do not apply to the task are off (their columns stay null).
-    measures = dataclasses.replace(measures, fourier=measures.fourier and modular,
-                                   circularity=measures.circularity and modular,
-                                   restricted_loss=measures.restricted_loss and task.op in tasks.SUM_OPS)
+    measures = dataclasses.replace(measures, fourier=measures.fourier and modular and embedded,
+                                   circularity=measures.circularity and modular and embedded,
+                                   restricted_loss=measures.restricted_loss and task.op in tasks.SUM_OPS and embedded)
 
-    if tasks.n_pairs(task) >= 2**31:  # operand ids and pair indices are int32
-        raise SweepError(f"{where}: task.p: a table of {tasks.n_pairs(task):,} pairs, more than 2³¹")
+    n_pairs = size.n_pairs
+    if n_pairs >= 2**31:  # operand ids and pair indices are int32
+        raise SweepError(f"{where}: task.p: a table of {n_pairs:,} pairs, more than 2³¹")
     runs = _expand(raw["sweep"], f"{where}: sweep")
-    n_pairs = tasks.n_pairs(task)
     sizes = n_train(runs["train_fraction"], n_pairs)
     if sizes.min() < 1 or sizes.max() >= n_pairs:
         raise SweepError(f"{where}: sweep.train_fraction: leaves an empty training or validation set of {n_pairs} pairs")
@@ -591,8 +665,8 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
         "name": raw.get("name", default_name),
         "paper": raw["paper"],
         "description": raw.get("description", ""),
-        "task": dataclasses.asdict(task),
-        "model": dataclasses.asdict(model),
+        "task": registry.as_dict(task, "task"),
+        "model": registry.as_dict(model, "model"),
         "train": dataclasses.asdict(train),
         "grokking": dataclasses.asdict(grokking),
         "measures": dataclasses.asdict(measures),

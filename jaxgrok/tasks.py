@@ -42,10 +42,17 @@ OPS = MODULAR_OPS + GROUP_OPS
 
 
 class Table(NamedTuple):
-    inputs: np.ndarray  # int32 [N, 2]: operand ids in [0, n_symbols)
+    inputs: np.ndarray  # int32 [N, L]: token ids in [0, n_symbols); L = 2 (a, b) for the built-in tasks
     targets: np.ndarray  # int32 [N]: answer ids in [0, n_classes)
     n_symbols: int  # operand vocabulary (the transformer adds one token for "=")
     n_classes: int
+
+
+class Sizes(NamedTuple):
+    n_pairs: int  # N, the examples of the table (pairs, for the built-in tasks)
+    n_symbols: int
+    n_classes: int
+    n_inputs: int  # L, tokens per example
 
 
 def is_prime(n: int) -> bool:
@@ -92,17 +99,41 @@ def _table(op: str, p: int) -> Table:
 
 
 def make_table(task) -> Table:
-    """The full table of a TaskConfig (op, p)."""
-    return _table(task.op, task.p)
+    """The full table of a task: a built-in TaskConfig (op, p) or a registered task (registry.py)."""
+    return _table(task.op, task.p) if task.op in OPS else _registered_table(task)
 
 
-def n_pairs(task) -> int:
-    """The table's size, counted without building it (a sweep is sized before anything is built)."""
-    if task.op in GROUP_OPS:
-        return 120 * 120
-    return task.p * (task.p - 1) if task.op in NEEDS_PRIME else task.p**2
+def sizes(task) -> Sizes:
+    """The table's sizes; a built-in table's counted without building it (a sweep is sized before
+    anything is built)."""
+    if task.op in OPS:
+        n = 120 if task.op in GROUP_OPS else task.p
+        n_pairs = 120 * 120 if task.op in GROUP_OPS else task.p * (task.p - 1) if task.op in NEEDS_PRIME else task.p**2
+        return Sizes(n_pairs, n, n, 2)
+    t = _registered_table(task)
+    return Sizes(len(t.targets), t.n_symbols, t.n_classes, t.inputs.shape[1])
 
 
-def n_symbols(task) -> int:
-    """Operand vocabulary = answer classes of a task, without building its table."""
-    return 120 if task.op in GROUP_OPS else task.p
+@functools.lru_cache(maxsize=32)
+def _registered_table(task) -> Table:
+    """A registered task's table, built once and held to the contract: one ValueError line if not."""
+    where = f"task {task.op!r}"
+    try:
+        t = task.table()
+    except Exception as e:  # noqa: BLE001 - the task's own code: say what it raised, in one line
+        raise ValueError(f"{where}: table() raised {type(e).__name__}: {e}") from None
+    if not isinstance(t, Table):
+        raise ValueError(f"{where}: table() must return a jaxgrok.Table, got {type(t).__name__}")
+    inputs, targets = np.asarray(t.inputs), np.asarray(t.targets)
+    if inputs.ndim != 2 or inputs.shape[1] < 1 or targets.shape != inputs.shape[:1]:
+        raise ValueError(f"{where}: inputs must be [N, L] and targets [N], got {list(inputs.shape)} and {list(targets.shape)}")
+    if not (np.issubdtype(inputs.dtype, np.integer) and np.issubdtype(targets.dtype, np.integer)):
+        raise ValueError(f"{where}: inputs and targets must be integers (token and class ids), got {inputs.dtype} and {targets.dtype}")
+    if not 2 <= len(targets) < 2**31:
+        raise ValueError(f"{where}: {len(targets):,} examples; between 2 and 2³¹ − 1")
+    for name, ids, n in (("inputs", inputs, t.n_symbols), ("targets", targets, t.n_classes)):
+        if not (isinstance(n, (int, np.integer)) and n >= 1):
+            raise ValueError(f"{where}: {'n_symbols' if name == 'inputs' else 'n_classes'} must be a positive integer, got {n!r}")
+        if ids.min() < 0 or ids.max() >= n:
+            raise ValueError(f"{where}: {name} must lie in [0, {n}), got {ids.min()} to {ids.max()}")
+    return Table(inputs.astype(np.int32), targets.astype(np.int32), int(t.n_symbols), int(t.n_classes))

@@ -120,7 +120,8 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None, ev
     device, runs are vmapped (`vectorize`, the default on accelerators) or mapped one at a time
     (the default on CPU). A chunk holds `evals` evaluations (default: evals_per_chunk)."""
     table = tasks.make_table(static.task)
-    model = with_precision(models.build(static.model, table.n_symbols, table.n_classes), static.train.precision)
+    model = with_precision(models.build(static.model, table.n_symbols, table.n_classes, table.inputs.shape[1]),
+                           static.train.precision)
     inputs, targets = jnp.asarray(table.inputs), jnp.asarray(table.targets)
     n_pairs, n_train_max, cfg = len(table.targets), static.n_train_max, static.train
     n_evals = evals or evals_per_chunk(static)
@@ -138,6 +139,8 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None, ev
         if cfg.optimizer == "adam":  # torch.optim.Adam(weight_decay=...): L2 in the gradient
             opt = optax.chain(optax.add_decayed_weights(hp.weight_decay),
                               optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2))
+        elif cfg.optimizer == "sgd":  # torch.optim.SGD(weight_decay=...), no momentum
+            opt = optax.chain(optax.add_decayed_weights(hp.weight_decay), optax.sgd(schedule))
         else:
             opt = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=hp.weight_decay)
         # Grokfast filters the loss gradient before the optimizer sees it (as in its torch code, where
@@ -291,10 +294,10 @@ def least_bytes_per_run(static: Static) -> int:
     """What one run needs at the very least, counted without building anything: its parameters,
     initial parameters and two AdamW moments (16 bytes a parameter), and the logits of an
     evaluation over the whole table."""
-    n = tasks.n_symbols(static.task)
-    model = models.build(static.model, n, n)
+    size = tasks.sizes(static.task)
+    model = models.build(static.model, size.n_symbols, size.n_classes, size.n_inputs)
     n_params = models.n_params(jax.eval_shape(model.init, jax.random.key(0)))
-    return 16 * n_params + 4 * tasks.n_pairs(static.task) * n
+    return 16 * n_params + 4 * size.n_pairs * size.n_classes
 
 
 def check_fits(sweep: Sweep, budget: int) -> None:

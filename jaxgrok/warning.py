@@ -201,15 +201,17 @@ def embedding_snapshots(resolved: dict, cols: dict, n_moments: int = 5):
     grokked = np.nonzero(~cols["censored"] & np.isfinite(cols["t_train"]))[0]
     if not len(grokked) or resolved["task"]["op"] not in tasks.MODULAR_OPS:
         return None
+    sweep = sweep_from_dict(resolved, "<metadata>")
+    table = tasks.make_table(sweep.static.task)
+    model = models.build(sweep.static.model, table.n_symbols, table.n_classes)
+    if model.embedding is None:  # a registered model may have none
+        return None
     t_val = cols["t_val"][grokked]
     i = grokked[np.argsort(t_val, kind="stable")[len(t_val) // 2]]
-    sweep = sweep_from_dict(resolved, "<metadata>")
     every = sweep.static.train.eval_every
     t_train, t_v, budget = int(cols["t_train"][i]), int(cols["t_val"][i]), int(cols["steps"][i])
     half = (t_train + t_v) // 2 // every * every
     labels = {min(budget, 2 * t_v): "2·t_val", t_v: "t_val", half: "half-way", t_train: "t_train", 0: "init"}
     moments = sorted(labels)[:n_moments]
     params = engine.params_at(sweep, int(cols["run_id"][i]), moments)
-    table = tasks.make_table(sweep.static.task)
-    model = models.build(sweep.static.model, table.n_symbols, table.n_classes)
     return int(cols["run_id"][i]), {s: np.asarray(model.embedding(p)) for s, p in params.items()}, labels

@@ -1,0 +1,148 @@
+"""Your own tasks and models, swept like the built-in ones, without editing jaxgrok.
+
+A **task** is a frozen dataclass of its parameters with a method `table(self) -> jaxgrok.Table`:
+every example of the task, `inputs` int32[N, L] (L tokens per example, each in [0, n_symbols)) and
+`targets` int32[N] (each in [0, n_classes)). Each run splits the table into training and validation
+examples by its train_fraction and data_seed, as for the built-in tasks (where L = 2: the pair a, b).
+
+A **model** is a frozen dataclass of its parameters with a method
+`build(self, n_symbols, n_classes, n_inputs) -> jaxgrok.Model`, a tuple of pure functions:
+`init(key) -> params` (a pytree of float32 arrays), `apply(params, inputs int32[N, L]) -> logits
+float32[N, n_classes]`, `forward_flops(N)` and `activations(N)` (matmul FLOPs of one forward pass over
+N examples, and the floats it keeps for the backward pass: the batch sizing reads them), and optionally
+`embedding(params) -> float32[n_symbols, D]` (the operands' embeddings, for the Fourier measures).
+
+Register them in Python (`@jaxgrok.register_task("sparse_parity")`, `@jaxgrok.register_model(...)`)
+or, from an installed package, through the entry-point groups `jaxgrok.tasks` and `jaxgrok.models`
+(found by `jaxgrok run` without any import). A sweep file names the task by `[task] op = NAME` and the
+model by `[model] kind = NAME`; every other key of the table is a field of the dataclass, checked like a
+built-in key: its type from the annotation (int, float, str or bool), anything else by the class's
+`__post_init__` raising ValueError("KEY: what is wrong").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import re
+
+GROUPS = {"task": "jaxgrok.tasks", "model": "jaxgrok.models"}
+NAME_KEY = {"task": "op", "model": "kind"}  # the sweep-file key that names one
+METHOD = {"task": "table", "model": "build"}
+SCALARS = {"int", "float", "str", "bool"}
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.+-]{0,63}")
+
+_registered: dict[str, dict[str, type]] = {"task": {}, "model": {}}
+
+
+def register_task(name: str):
+    """Class decorator: the frozen dataclass becomes the task `[task] op = name`."""
+    return lambda cls: _register("task", name, cls)
+
+
+def register_model(name: str):
+    """Class decorator: the frozen dataclass becomes the model `[model] kind = name`."""
+    return lambda cls: _register("model", name, cls)
+
+
+def _builtin(what: str) -> tuple[str, ...]:
+    from jaxgrok import sweep, tasks
+
+    return tasks.OPS if what == "task" else tuple(sweep.MODELS)
+
+
+def _register(what: str, name: str, cls: type) -> type:
+    where = f"{what} {name!r}"
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError(f"{where}: a name is letters, digits and _ . + - (at most 64), starting with a letter or _")
+    if name in _builtin(what):
+        raise ValueError(f"{where}: built into jaxgrok; choose another name")
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
+        raise TypeError(f"{where}: must be a frozen dataclass (@dataclass(frozen=True)), got {cls!r}")
+    if not callable(getattr(cls, METHOD[what], None)):
+        raise TypeError(f"{where}: {cls.__qualname__} has no method {METHOD[what]}()")
+    for f in dataclasses.fields(cls):
+        typename = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if typename not in SCALARS:
+            raise TypeError(f"{where}: field {f.name}: a sweep file sets int, float, str or bool, not {typename}")
+        if f.name == NAME_KEY[what]:
+            raise TypeError(f"{where}: field {f.name}: reserved (the sweep file's {NAME_KEY[what]} names the {what})")
+    old = _registered[what].get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        # The same class again (a notebook cell run twice) replaces it; another one is a clash.
+        raise ValueError(f"{where}: already registered by {old.__module__}.{old.__qualname__}")
+    setattr(cls, NAME_KEY[what], name)  # so that cfg.op / cfg.kind name it, as for the built-in ones
+    _registered[what][name] = cls
+    return cls
+
+
+def _entry_points(what: str) -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=GROUPS[what])}
+
+
+def lookup(what: str, name: str) -> type | None:
+    """The registered class of a task or model name, loading an installed package's entry point for
+    it on first use; None if nothing registers it. A broken entry point is one ValueError line."""
+    if name in _registered[what]:
+        return _registered[what][name]
+    ep = _entry_points(what).get(name)
+    if ep is None:
+        return None
+    try:
+        cls = ep.load()  # importing the module may register it with the decorator
+    except Exception as e:  # noqa: BLE001 - whatever the package raises, say it in one line
+        raise ValueError(f"entry point {GROUPS[what]}: {name} = {ep.value}: cannot load ({type(e).__name__}: {e})") from None
+    if name not in _registered[what]:
+        _register(what, name, cls)
+    return _registered[what][name]
+
+
+def known(what: str) -> list[str]:
+    """Every name a sweep file may use: built in, registered, or offered by an installed package."""
+    return [*_builtin(what), *sorted(set(_registered[what]) | set(_entry_points(what)))]
+
+
+def as_dict(cfg, what: str) -> dict:
+    """A task's or model's parameters as the sweep file says them, its name first."""
+    return {NAME_KEY[what]: getattr(cfg, NAME_KEY[what]), **dataclasses.asdict(cfg)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Holding a registered task or model to its contract, before anything is built or written
+
+
+def check_model(cfg, n_symbols: int, n_classes: int, n_inputs: int):
+    """A registered model built and traced on a small batch (nothing is computed): its Model, or one
+    ValueError line naming what breaks the contract."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgrok import models
+
+    where = f"model {cfg.kind!r}"
+    try:
+        model = cfg.build(n_symbols, n_classes, n_inputs)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{where}: build() raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, models.Model):
+        raise ValueError(f"{where}: build() must return a jaxgrok.Model, got {type(model).__name__}")
+    try:
+        params = jax.eval_shape(model.init, jax.random.key(0))
+        logits = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((4, n_inputs), jnp.int32))
+        emb = jax.eval_shape(model.embedding, params) if model.embedding is not None else None
+        sizes = (int(model.forward_flops(4)), int(model.activations(4)))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{where}: tracing init/apply on inputs int32[4, {n_inputs}] raised {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    leaves = jax.tree.leaves(params)
+    if not leaves or any(leaf.dtype != jnp.float32 for leaf in leaves):
+        raise ValueError(f"{where}: init(key) must return a pytree of float32 arrays, got "
+                         f"{sorted({str(leaf.dtype) for leaf in leaves}) or 'no arrays'}")
+    if logits.shape != (4, n_classes) or logits.dtype != jnp.float32:
+        raise ValueError(f"{where}: apply(params, inputs int32[4, {n_inputs}]) must give float32[4, {n_classes}], "
+                         f"got {logits.dtype}{list(logits.shape)}")
+    if emb is not None and (emb.ndim != 2 or emb.shape[0] != n_symbols):
+        raise ValueError(f"{where}: embedding(params) must give float32[{n_symbols}, D], got {list(emb.shape)}")
+    if min(sizes) < 0:
+        raise ValueError(f"{where}: forward_flops and activations must be ≥ 0, got {sizes}")
+    return model
