@@ -57,11 +57,7 @@ def workload_sweep(name: str, n_runs: int, steps: int, eval_every: int, contende
 
 
 def flops_per_model_step(sweep) -> float:
-    """Analytic matmul FLOPs of one training step (forward ×3 for the backward pass) plus the
-    evaluation on the full table amortised over `eval_every` steps."""
-    table = tasks.make_table(sweep.static.task)
-    model = models.build(sweep.static.model, table.n_symbols, table.n_classes)
-    return 3 * model.forward_flops(sweep.static.n_train_max) + model.forward_flops(len(table.targets)) / sweep.static.train.eval_every
+    return train.flops_per_step(sweep.static)
 
 
 CEILING_PRECISION = {"float32": (jnp.float32, "highest"), "tf32": (jnp.float32, "high"), "bfloat16": (jnp.bfloat16, None)}

@@ -260,6 +260,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+GPU_FLOPS = 1e15  # a sweep past this many matmul FLOPs is sized for an accelerator
+
+
 def presets_dir() -> Path:
     """sweeps/ here, else the one beside the package (a checkout installed with pip -e)."""
     here = Path("sweeps")
@@ -271,18 +274,22 @@ def cmd_list(args) -> int:
     files = sorted(folder.glob("*.toml"))
     if not files:
         raise SweepError(f"{folder}: no sweep files (*.toml) there")
+    from jaxgrok.train import flops_per_step
+
+    short = lambda x: f"{x:.1e}".replace("e+0", "e").replace("e+", "e")  # noqa: E731
     rows = []
     for f in files:
         sw = load_sweep(f)
-        sized = "GPU" if sw.name.endswith("_gpu") else "CPU"
+        flops = flops_per_step(sw.static) * sw.n_runs * sw.static.train.steps
+        # Past 10¹⁵ FLOPs a sweep takes hours on a CPU (the quick start, 4·10¹² FLOPs, trains in 38 s on 2 cores).
+        sized = "GPU" if flops > GPU_FLOPS else "CPU"
         follows = sw.paper.split("(")[0].split(":")[0].strip()
-        rows.append((f.stem, sized, f"{sw.n_runs:,}", f"{sw.static.train.steps:,}",
-                     f"{sw.n_runs * sw.static.train.steps:.2e}".replace("e+0", "e").replace("e+", "e"),
-                     f"{sw.static.model.kind} on {sw.static.task.op}", follows))
-    head = ("preset", "for", "runs", "steps", "model-steps", "model on task", "follows")
+        rows.append((f.stem, sized, f"{sw.n_runs:,}", f"{sw.static.train.steps:,}", short(sw.n_runs * sw.static.train.steps),
+                     short(flops), f"{sw.static.model.kind} on {sw.static.task.op}", follows))
+    head = ("preset", "for", "runs", "steps", "model-steps", "FLOPs", "model on task", "follows")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
-        print("  ".join(c.ljust(w) if i in (0, 1, 5, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        print("  ".join(c.ljust(w) if i in (0, 1, 6, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
     print(f"\n{folder}/NAME.toml: `jaxgrok run {folder}/NAME.toml --dry-run` says what a run would take here")
     return 0
 

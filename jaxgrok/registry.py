@@ -67,6 +67,9 @@ def _register(what: str, name: str, cls: type) -> type:
             raise TypeError(f"{where}: field {f.name}: a sweep file sets int, float, str or bool, not {typename}")
         if f.name == NAME_KEY[what]:
             raise TypeError(f"{where}: field {f.name}: reserved (the sweep file's {NAME_KEY[what]} names the {what})")
+    for other, c in _registered[what].items():
+        if c is cls and other != name:  # its name is an attribute of the class: one name each
+            raise ValueError(f"{where}: {cls.__qualname__} is registered as {other!r} already")
     old = _registered[what].get(name)
     if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
         # The same class again (a notebook cell run twice) replaces it; another one is a clash.
@@ -100,6 +103,15 @@ def lookup(what: str, name: str) -> type | None:
 def known(what: str) -> list[str]:
     """Every name a sweep file may use: built in, registered, or offered by an installed package."""
     return [*_builtin(what), *sorted(set(_registered[what]) | set(_entry_points(what)))]
+
+
+def origins(*cfgs) -> dict[str, str]:
+    """Where each registered class among `cfgs` is defined ("module.Class"), for the run hash: two
+    classes registered under one name (a notebook's and a package's) never share results. The hash
+    cannot see the code itself: after changing what a registered task or model computes, train
+    afresh (--restart, or another --out)."""
+    return {NAME_KEY[w]: f"{type(c).__module__}.{type(c).__qualname__}" for c in cfgs
+            for w in ("task", "model") if type(c) in _registered[w].values()}
 
 
 def as_dict(cfg, what: str) -> dict:

@@ -221,8 +221,11 @@ class Sweep:
         train = {k: v for k, v in self.resolved["train"].items() if k not in ("chunk_steps", "max_runs_per_batch")
                  and LATER_TRAIN.get(k, object()) != v}
         # The measures are in: a run's recorded columns depend on them (its training does not).
-        static = json.dumps({"task": self.resolved["task"], "model": self.resolved["model"], "train": train,
-                             "measures": self.resolved["measures"]}, sort_keys=True)
+        static = {"task": self.resolved["task"], "model": self.resolved["model"], "train": train,
+                  "measures": self.resolved["measures"]}
+        if code := registry.origins(self.static.task, self.static.model):  # only where a kind is registered
+            static["code"] = code
+        static = json.dumps(static, sort_keys=True)
         out = []
         for i in range(self.n_runs):
             hp = {a: self.runs[a][i].item() for a in AXES}

@@ -164,7 +164,7 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None, ev
         order = jax.random.permutation(jax.random.key(hp.data_seed), n_pairs).astype(jnp.int32)
         is_train = jnp.zeros(n_pairs, bool).at[order].set(jnp.arange(n_pairs) < hp.n_train)
         return RunState(params, params, optimizer(hp).init(params), order, is_train, k_batch, jnp.array(False),
-                        jnp.zeros(n_freqs, jnp.float32))
+                        jnp.zeros(max(n_freqs, 1), jnp.float32))  # orbax saves no zero-size arrays
 
     def full_batch_loss(params, order, n_train):
         """The mean loss over the run's n_train training pairs, padded to the sweep's largest
@@ -284,6 +284,15 @@ def bytes_per_run(static: Static, program: Program) -> int:
         batch = m.llc_batch_size if 0 < m.llc_batch_size < static.n_train_min else static.n_train_max
         activations += m.llc_chains * (3 * n_params + 3 * program.model.activations(batch))
     return 4 * (6 * n_params + 3 * activations) + 8 * n_pairs
+
+
+def flops_per_step(static: Static) -> float:
+    """Analytic matmul FLOPs of one run's training step (the forward pass ×3, for the backward pass,
+    over its batch) plus its evaluation on the full table amortised over `eval_every` steps."""
+    size = tasks.sizes(static.task)
+    model = models.build(static.model, size.n_symbols, size.n_classes, size.n_inputs)
+    batch = static.train.batch_size or static.n_train_max
+    return 3 * model.forward_flops(batch) + model.forward_flops(size.n_pairs) / static.train.eval_every
 
 
 class TooLarge(SweepError):

@@ -76,7 +76,9 @@ def test_list_shows_every_preset_and_version(capsys):
     said = capsys.readouterr().out
     for f in presets_dir().glob("*.toml"):
         assert f.stem in said  # and every preset loads and validates
-    assert "seed_distribution_gpu  GPU" in said and "quickstart             CPU" in said
+    sized = {line.split()[0]: line.split()[1] for line in said.splitlines()[1:] if line.split()[1:2] in (["CPU"], ["GPU"])}
+    # Sized by their FLOPs: every preset written for a GPU is counted as one, the quick start is not.
+    assert all(sized[f] == "GPU" for f in sized if f.endswith("_gpu")) and sized["quickstart"] == "CPU"
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("jaxgrok ")

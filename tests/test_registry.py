@@ -54,7 +54,8 @@ def run_cli(args, site, tmp_path):
 
 def test_an_installed_package_adds_a_task_and_a_model_to_the_command(plugin, tmp_path):
     sweep = write_raw(tmp_path / "parity.toml", parity_raw())
-    out = run_cli(["run", str(sweep), "--out", "out", "--quiet"], plugin, tmp_path)
+    # Checkpointed after every chunk: a state without the Fourier spectrum is saved too.
+    out = run_cli(["run", str(sweep), "--out", "out", "--quiet", "--checkpoint-every", "1"], plugin, tmp_path)
     assert out.returncode == 0, out.stderr
     runs = pq.read_table(tmp_path / "out" / "runs.parquet")  # results.read would need the package here too
     assert runs.num_rows == 2 and (tmp_path / "out" / "report.html").exists()
@@ -69,9 +70,11 @@ def test_an_installed_package_adds_a_task_and_a_model_to_the_command(plugin, tmp
     out = run_cli(["run", str(bad), "--out", "bad"], plugin, tmp_path)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "bad.toml: task: k, n_bits: need" in out.stderr
     assert not (tmp_path / "bad").exists()
-    # Without the package the name is unknown, and the message says how to add one.
-    out = subprocess.run([sys.executable, "-m", "jaxgrok", "run", str(sweep)], cwd=tmp_path, capture_output=True, text=True)
-    assert out.returncode == 2 and "task.op: unknown task 'sparse_parity'" in out.stderr and "register" in out.stderr
+    # A name that nothing registers is refused, and the message says how to add one.
+    unknown = write_raw(tmp_path / "unknown.toml", parity_raw(op="no_such_task"))
+    out = run_cli(["run", str(unknown)], plugin, tmp_path)
+    assert out.returncode == 2 and "task.op: unknown task 'no_such_task'; one of x+y" in out.stderr
+    assert "sparse_parity" in out.stderr and "register one" in out.stderr  # the installed one is offered
 
 
 def test_the_sparse_parity_table_is_the_parity_of_k_bits():
@@ -199,8 +202,13 @@ def test_registration_refuses_what_a_sweep_file_could_not_say():
         jaxgrok.register_task("x+y")(FiveBits)
     with pytest.raises(TypeError, match="has no method build"):
         jaxgrok.register_model("no_build")(FiveBits)
-    with pytest.raises(ValueError, match="already registered by"):
-        jaxgrok.register_task("mod_sum_test")(FiveBits)
+    @dataclass(frozen=True)
+    class Clash:
+        def table(self):
+            pass
+
+    with pytest.raises(ValueError, match="already registered by test_registry.ModSum"):
+        jaxgrok.register_task("mod_sum_test")(Clash)
     jaxgrok.register_task("mod_sum_test")(ModSum)  # the same class again (a notebook cell re-run)
     assert "mod_sum_test" in registry.known("task") and "linear_test" in registry.known("model")
 
@@ -214,3 +222,30 @@ def test_a_broken_entry_point_is_one_line(tmp_path):
     out = run_cli(["run", str(sweep)], site, tmp_path)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "task.op: entry point jaxgrok.tasks: broken = no_such_module:Task: cannot load (ModuleNotFoundError" in out.stderr
+
+
+def test_two_classes_under_one_name_never_share_a_run_hash():
+    raw = make_raw(task={"op": "hash_test", "p": 13})
+
+    def hashes_with(cls):
+        registry._registered["task"].pop("hash_test", None)  # as in another process
+        jaxgrok.register_task("hash_test")(cls)
+        return sweep_from_dict(raw, "r.toml").run_hashes
+
+    @dataclass(frozen=True)
+    class Mine(ModSum):  # a task of the same parameters...
+        pass
+
+    @dataclass(frozen=True)
+    class Theirs(ModSum):  # ... and another class of the same name's (a notebook's copy of a package's)
+        pass
+
+    try:
+        first, again, other = hashes_with(Mine), hashes_with(Mine), hashes_with(Theirs)
+    finally:
+        registry._registered["task"].pop("hash_test", None)
+    with pytest.raises(ValueError, match="registered as 'mod_sum_test' already"):
+        jaxgrok.register_task("another_name")(ModSum)
+    assert first == again and not set(first) & set(other)
+    builtin = sweep_from_dict(make_raw(task={"op": "x+y", "p": 13}), "r.toml").run_hashes
+    assert not set(builtin) & set(first)
