@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrok import engine, models, tasks, train
+from jaxgrok import engine, tasks, train
 from jaxgrok.sweep import sweep_from_dict
 
 CONTENDERS = ("jaxgrok", "jaxgrok_measures", "jaxgrok_llc", "jax_loop", "torch_loop", "torch_vmap")
