@@ -149,10 +149,13 @@ def survival_curves(rows, keys, budget: float, folder: Path, max_overlaid: int =
 
 
 def _round_ticks(lo: float, hi: float) -> list[float]:
-    """At most four round values (1, 2, 5 × 10^k) between lo and hi, spread on a log scale."""
-    nice = [m * 10.0**k for k in range(int(np.floor(np.log10(max(lo, 1)))), int(np.ceil(np.log10(hi))) + 1)
-            for m in (1, 2, 5)]
-    inside = [v for v in nice if lo <= v <= hi]
+    """At most four round values between lo and hi, spread on a log scale: 1, 2, 5 × 10^k, or where
+    fewer than two of those fall inside (a range within one decade, 5,100 to 8,800 say), 1 to 9 × 10^k."""
+    decades = range(int(np.floor(np.log10(max(lo, 1)))), int(np.ceil(np.log10(max(hi, 1)))) + 1)
+    for mantissas in ((1, 2, 5), range(1, 10)):
+        inside = [m * 10.0**k for k in decades for m in mantissas if lo <= m * 10.0**k <= hi]
+        if len(inside) >= 2:
+            break
     return inside[:: max(1, int(np.ceil(len(inside) / 4)))]
 
 

@@ -150,3 +150,11 @@ def test_figures_for_one_axis_all_censored_and_many_cells(tmp_path, n_cells, all
         rows2 = analyze.cell_stats(cols2, ["weight_decay", "learning_rate"])
         report.phase_diagram(rows2, "weight_decay", "learning_rate", tmp_path)
         assert "no cell" in (tmp_path / "phase_diagram.svg").read_text()
+
+
+def test_histogram_ticks_label_a_range_within_one_decade():
+    from jaxgrok.report import _round_ticks
+
+    # 5,100 to 8,800 holds no 1-2-5 value: the axis would have had no labels at all.
+    assert _round_ticks(5100, 8800) == [6000, 7000, 8000]
+    assert _round_ticks(100, 20000) == [100, 500, 2000, 10000]
