@@ -57,6 +57,7 @@ def workload_sweep(name: str, n_runs: int, steps: int, eval_every: int, contende
 
 
 def flops_per_model_step(sweep) -> float:
+    """Analytic matmul FLOPs of one run's training step, its evaluation amortised (train.flops_per_step)."""
     return train.flops_per_step(sweep.static)
 
 

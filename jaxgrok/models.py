@@ -19,7 +19,7 @@ ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
 
 class Model(NamedTuple):
     init: Callable  # key -> params
-    apply: Callable  # (params, pairs int32[N, 2]) -> logits float32[N, n_classes]
+    apply: Callable  # (params, inputs int32[N, L]) -> logits float32[N, n_classes]; L = 2 (a, b) for the built-in tasks
     forward_flops: Callable  # n_pairs -> matmul FLOPs of one forward pass (2·m·n·k each)
     activations: Callable  # n_pairs -> floats one forward pass keeps for the backward pass
     # params -> float32[n_symbols, D]: the operands' embeddings, for the Fourier measures (None: the

@@ -23,6 +23,7 @@ built-in key: its type from the annotation (int, float, str or bool), anything e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import re
 
@@ -76,6 +77,7 @@ def _register(what: str, name: str, cls: type) -> type:
         raise ValueError(f"{where}: already registered by {old.__module__}.{old.__qualname__}")
     setattr(cls, NAME_KEY[what], name)  # so that cfg.op / cfg.kind name it, as for the built-in ones
     _registered[what][name] = cls
+    check_model.cache_clear()  # a class registered anew (a notebook cell re-run) is built anew
     return cls
 
 
@@ -93,11 +95,16 @@ def lookup(what: str, name: str) -> type | None:
         return None
     try:
         cls = ep.load()  # importing the module may register it with the decorator
+        if name not in _registered[what]:
+            _register(what, name, cls)
     except Exception as e:  # noqa: BLE001 - whatever the package raises, say it in one line
-        raise ValueError(f"entry point {GROUPS[what]}: {name} = {ep.value}: cannot load ({type(e).__name__}: {e})") from None
-    if name not in _registered[what]:
-        _register(what, name, cls)
+        raise ValueError(f"entry point {GROUPS[what]}: {name} = {ep.value}: cannot load ({_said(e)})") from None
     return _registered[what][name]
+
+
+def _said(e: Exception) -> str:
+    """An exception from a registered class's own code, in one line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def known(what: str) -> list[str]:
@@ -110,8 +117,11 @@ def origins(*cfgs) -> dict[str, str]:
     classes registered under one name (a notebook's and a package's) never share results. The hash
     cannot see the code itself: after changing what a registered task or model computes, train
     afresh (--restart, or another --out)."""
-    return {NAME_KEY[w]: f"{type(c).__module__}.{type(c).__qualname__}" for c in cfgs
-            for w in ("task", "model") if type(c) in _registered[w].values()}
+    from jaxgrok import sweep
+
+    builtin = (sweep.TaskConfig, *sweep.MODELS.values())
+    return {("op" if hasattr(c, "table") else "kind"): f"{type(c).__module__}.{type(c).__qualname__}"
+            for c in cfgs if not isinstance(c, builtin)}
 
 
 def as_dict(cfg, what: str) -> dict:
@@ -123,6 +133,7 @@ def as_dict(cfg, what: str) -> dict:
 # Holding a registered task or model to its contract, before anything is built or written
 
 
+@functools.lru_cache(maxsize=32)
 def check_model(cfg, n_symbols: int, n_classes: int, n_inputs: int):
     """A registered model built and traced on a small batch (nothing is computed): its Model, or one
     ValueError line naming what breaks the contract."""
@@ -135,7 +146,7 @@ def check_model(cfg, n_symbols: int, n_classes: int, n_inputs: int):
     try:
         model = cfg.build(n_symbols, n_classes, n_inputs)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{where}: build() raised {type(e).__name__}: {e}") from None
+        raise ValueError(f"{where}: build() raised {_said(e)}") from None
     if not isinstance(model, models.Model):
         raise ValueError(f"{where}: build() must return a jaxgrok.Model, got {type(model).__name__}")
     try:
@@ -144,12 +155,12 @@ def check_model(cfg, n_symbols: int, n_classes: int, n_inputs: int):
         emb = jax.eval_shape(model.embedding, params) if model.embedding is not None else None
         sizes = (int(model.forward_flops(4)), int(model.activations(4)))
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{where}: tracing init/apply on inputs int32[4, {n_inputs}] raised {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ValueError(f"{where}: init, apply, embedding, forward_flops or activations on inputs int32[4, {n_inputs}] "
+                         f"raised {_said(e)}") from None
     leaves = jax.tree.leaves(params)
-    if not leaves or any(leaf.dtype != jnp.float32 for leaf in leaves):
-        raise ValueError(f"{where}: init(key) must return a pytree of float32 arrays, got "
-                         f"{sorted({str(leaf.dtype) for leaf in leaves}) or 'no arrays'}")
+    if not leaves or any(leaf.dtype != jnp.float32 or leaf.size == 0 for leaf in leaves):
+        raise ValueError(f"{where}: init(key) must return a pytree of non-empty float32 arrays, got "
+                         f"{[f'{leaf.dtype}{list(leaf.shape)}' for leaf in leaves][:6] or 'no arrays'}")
     if logits.shape != (4, n_classes) or logits.dtype != jnp.float32:
         raise ValueError(f"{where}: apply(params, inputs int32[4, {n_inputs}]) must give float32[4, {n_classes}], "
                          f"got {logits.dtype}{list(logits.shape)}")

@@ -425,11 +425,14 @@ def _tables_with(key: str, raw: dict) -> list[str]:
     present = [t for t, v in raw.items() if isinstance(v, dict) and key in v]
     if present:
         return present
+
     def named(what, builtin, default):  # the class of the file's task or model, if it names a known one
         name = raw.get(what, {}).get(registry.NAME_KEY[what]) if isinstance(raw.get(what), dict) else None
+        if not isinstance(name, str):
+            return default
         try:
-            return builtin.get(name) or (registry.lookup(what, name) if isinstance(name, str) else None) or default
-        except ValueError:
+            return builtin.get(name) or registry.lookup(what, name) or default
+        except ValueError:  # a broken entry point: said when the sweep is validated
             return default
 
     schema = {
@@ -573,12 +576,7 @@ def _model(table, where: str, size: tasks.Sizes):
 
 
 def _registered_model(model, size: tasks.Sizes):
-    return _checked_model(model, size.n_symbols, size.n_classes, size.n_inputs)
-
-
-@functools.lru_cache(maxsize=32)
-def _checked_model(model, n_symbols, n_classes, n_inputs):
-    return registry.check_model(model, n_symbols, n_classes, n_inputs)
+    return registry.check_model(model, size.n_symbols, size.n_classes, size.n_inputs)  # built once (cached)
 
 
 def _lookup(what: str, name: str, where: str):
@@ -654,7 +652,7 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
 
     n_pairs = size.n_pairs
     if n_pairs >= 2**31:  # operand ids and pair indices are int32
-        raise SweepError(f"{where}: task.p: a table of {n_pairs:,} pairs, more than 2³¹")
+        raise SweepError(f"{where}: {'task.p' if task.op in tasks.OPS else 'task'}: a table of {n_pairs:,} pairs, more than 2³¹")
     runs = _expand(raw["sweep"], f"{where}: sweep")
     sizes = n_train(runs["train_fraction"], n_pairs)
     if sizes.min() < 1 or sizes.max() >= n_pairs:

@@ -121,7 +121,9 @@ def _registered_table(task) -> Table:
     try:
         t = task.table()
     except Exception as e:  # noqa: BLE001 - the task's own code: say what it raised, in one line
-        raise ValueError(f"{where}: table() raised {type(e).__name__}: {e}") from None
+        from jaxgrok.registry import _said
+
+        raise ValueError(f"{where}: table() raised {_said(e)}") from None
     if not isinstance(t, Table):
         raise ValueError(f"{where}: table() must return a jaxgrok.Table, got {type(t).__name__}")
     inputs, targets = np.asarray(t.inputs), np.asarray(t.targets)

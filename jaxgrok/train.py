@@ -56,7 +56,7 @@ class RunState(NamedTuple):
     is_train: jax.Array  # bool[N]
     key: jax.Array  # minibatch sampling
     diverged: jax.Array  # bool: loss or gradient went non-finite; the run is frozen since
-    energies: jax.Array  # float32[K]: the embedding's Fourier spectrum at the latest evaluation
+    energies: jax.Array  # float32[K]: the embedding's Fourier spectrum at the latest evaluation (K = 0: one unused value)
 
 
 class Program(NamedTuple):

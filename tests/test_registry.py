@@ -249,3 +249,17 @@ def test_two_classes_under_one_name_never_share_a_run_hash():
     assert first == again and not set(first) & set(other)
     builtin = sweep_from_dict(make_raw(task={"op": "x+y", "p": 13}), "r.toml").run_hashes
     assert not set(builtin) & set(first)
+
+
+def test_an_entry_point_to_a_class_that_breaks_the_rules_is_one_line(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "loose-0.1.dist-info").mkdir(parents=True)
+    (site / "loose-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: loose\nVersion: 0.1\n")
+    (site / "loose-0.1.dist-info" / "entry_points.txt").write_text("[jaxgrok.tasks]\nloose = loose_task:Task\n")
+    (site / "loose_task.py").write_text("from dataclasses import dataclass\n\n@dataclass\nclass Task:\n"
+                                        "    def table(self):\n        pass\n")
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(SweepError) as e:
+        sweep_from_dict(make_raw(task={"op": "loose"}), "r.toml")
+    assert "r.toml: task.op: entry point jaxgrok.tasks: loose = loose_task:Task: cannot load (TypeError: " \
+           "task 'loose': must be a frozen dataclass" in str(e.value) and "\n" not in str(e.value)
