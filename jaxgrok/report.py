@@ -372,7 +372,7 @@ def _warning_html(warn: dict | None, keys) -> str:
         ("<tr style='background:#eee'>" if r["baseline"] else "<tr>") + f"<td>{html.escape(r['measure'])}"
         f"{' (baseline)' if r['baseline'] else ''}</td><td>{html.escape(r['moment'])}</td><td>{r['c_index']:.2f}</td>"
         f"<td>{'higher' if r['c_index'] > 0.5 else 'lower' if r['c_index'] < 0.5 else 'neither'} → earlier</td>"
-        f"<td>{r['ci_lo']:.2f}–{r['ci_hi']:.2f}</td><td>{r['n_runs']}</td><td>{r['n_pairs']:,}</td></tr>"
+        f"<td>{_ci(r['ci_lo'], r['ci_hi'])}</td><td>{r['n_runs']}</td><td>{r['n_pairs']:,}</td></tr>"
         for r in sorted(warn["concordance"], key=lambda r: (r["moment"], -abs(r["c_index"] - 0.5))))
     return f"""<h2>Early warning: the progress measures</h2>
 <p>Each run's <i>event</i> is when a measure moves: the peak of the weight norm and of the LLC; the first

@@ -83,6 +83,21 @@ def events(name: str, values: np.ndarray, steps: np.ndarray, t_train: np.ndarray
     return np.where(has & (final != start), _first(crossed, steps), np.nan)
 
 
+def c_interval(args, n_resamples: int, seed: int) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of Harrell's C over runs. A resample can hold no
+    comparable pair (C undefined): the interval is taken over the resamples where C is defined, when
+    at least 95% are (one undefined resample would otherwise make it NaN), else NaN."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        boot = stats.bootstrap(args, lambda *a: concordance(*a)[0], paired=True, vectorized=False,
+                               n_resamples=n_resamples, method="percentile", random_state=np.random.default_rng(seed))
+    dist = boot.bootstrap_distribution[np.isfinite(boot.bootstrap_distribution)]
+    if dist.size < 0.95 * n_resamples:
+        return np.nan, np.nan
+    lo, hi = np.percentile(dist, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def concordance(risk: np.ndarray, time: np.ndarray, observed: np.ndarray, group: np.ndarray) -> tuple[float, int]:
     """Harrell's C within groups: over pairs whose earlier time is an observed event (ties in time
     count when the event is observed and the other censored), the share in which the earlier run has
@@ -144,14 +159,7 @@ def analyse(cols: dict, curves: pa.Table, cell: np.ndarray, k: int = 10, n_resam
                 continue
             args = (risk[use], time[use], grokked[use], cell[use])
             c, n_pairs = concordance(*args)
-            lo = hi = float("nan")
-            if n_pairs and len(np.unique(args[0])) > 1:
-                with warnings.catch_warnings(), np.errstate(all="ignore"):
-                    warnings.simplefilter("ignore")
-                    boot = stats.bootstrap(args, lambda *a: concordance(*a)[0], paired=True, vectorized=False,
-                                           n_resamples=n_resamples, method="percentile",
-                                           random_state=np.random.default_rng(seed))
-                lo, hi = float(boot.confidence_interval.low), float(boot.confidence_interval.high)
+            lo, hi = c_interval(args, n_resamples, seed) if n_pairs and len(np.unique(args[0])) > 1 else (np.nan, np.nan)
             conc_rows.append({"measure": name, "moment": label, "c_index": c, "ci_lo": lo, "ci_hi": hi,
                               "n_runs": int(use.sum()), "n_pairs": n_pairs, "baseline": name == BASELINE})
     return event_rows, conc_rows, present, steps

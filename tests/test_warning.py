@@ -87,3 +87,14 @@ def test_the_early_warning_section_is_written(grokked_dir):
     assert curves.schema.field("n_key_freqs").type == "int32"
     llc = curves.column("llc").to_numpy(zero_copy_only=False)
     assert np.isfinite(llc[:80][[0, 7, 15]]).all() and np.isnan(llc[1])  # steps 25, 200, 400 of run 0; null between
+
+
+def test_the_c_interval_survives_resamples_without_comparable_pairs():
+    # Two cells of 6 runs with tied times: some resamples hold no comparable pair (C undefined there);
+    # the interval comes from the others instead of being NaN.
+    rng = np.random.default_rng(0)
+    time = np.repeat([1000.0, 2000.0, 3000.0], 4)  # 1% of 999 resamples hold no comparable pair
+    args = (rng.normal(size=12), time, np.ones(12, bool), np.repeat([0.0, 1.0], 6))
+    lo, hi = warning.c_interval(args, 999, 0)
+    c, _ = warning.concordance(*args)
+    assert 0 <= lo <= c <= hi <= 1
