@@ -112,16 +112,16 @@ def known(what: str) -> list[str]:
     return [*_builtin(what), *sorted(set(_registered[what]) | set(_entry_points(what)))]
 
 
-def origins(*cfgs) -> dict[str, str]:
-    """Where each registered class among `cfgs` is defined ("module.Class"), for the run hash: two
+def origins(task, model) -> dict[str, str]:
+    """Where a sweep's registered task and model classes are defined ("module.Class"), for the run hash: two
     classes registered under one name (a notebook's and a package's) never share results. The hash
     cannot see the code itself: after changing what a registered task or model computes, train
     afresh (--restart, or another --out)."""
     from jaxgrok import sweep
 
     builtin = (sweep.TaskConfig, *sweep.MODELS.values())
-    return {("op" if hasattr(c, "table") else "kind"): f"{type(c).__module__}.{type(c).__qualname__}"
-            for c in cfgs if not isinstance(c, builtin)}
+    return {NAME_KEY[what]: f"{type(c).__module__}.{type(c).__qualname__}"
+            for what, c in (("task", task), ("model", model)) if not isinstance(c, builtin)}
 
 
 def as_dict(cfg, what: str) -> dict:
