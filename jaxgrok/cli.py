@@ -127,9 +127,9 @@ def run_sweep(sweep, args) -> int:
         _start_processes(args)
     import jax
 
-    from jaxgrok import lock, train
+    from jaxgrok import lock, memory
 
-    train.check_fits(sweep, train.memory_budget())  # before anything is written
+    memory.check_fits(sweep, memory.memory_budget())  # before anything is written
     out = out_dir(sweep, args.out, args.set)
     if args.dry_run:
         return _dry_run(sweep, out)
@@ -236,7 +236,7 @@ def _other_version(out: Path, sweep, n_others: int) -> str:
 
 def _dry_run(sweep, out: Path) -> int:
     from jaxgrok import engine
-    from jaxgrok.train import human_bytes
+    from jaxgrok.memory import human_bytes
 
     d = engine.dry_run(sweep)
     batch = human_bytes(d["batch_bytes"]) + " per device (XLA)" if d["batch_bytes"] else "not reported by this backend"
@@ -274,7 +274,7 @@ def cmd_list(args) -> int:
     files = sorted(folder.glob("*.toml"))
     if not files:
         raise SweepError(f"{folder}: no sweep files (*.toml) there")
-    from jaxgrok.train import flops_per_step
+    from jaxgrok.memory import flops_per_step
 
     short = lambda x: f"{x:.1e}".replace("e+0", "e").replace("e+", "e")  # noqa: E731
     rows = []
