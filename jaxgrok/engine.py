@@ -39,6 +39,8 @@ class Progress:
 
 @dataclass
 class SweepResult:
+    """What train_sweep returns: the curves, outcomes and spectra of the runs it trained, and its timings."""
+
     sweep: Sweep
     index: np.ndarray  # run ids trained by this call, positions in sweep.runs
     steps: np.ndarray  # [evals]: the step of each evaluation
@@ -187,6 +189,7 @@ class _Context:
 
     @property
     def n_evals(self) -> int:
+        """Evaluations of each run."""
         return self.sweep.static.train.steps // self.sweep.static.train.eval_every
 
     @property

@@ -49,6 +49,8 @@ def warmup(learning_rate, steps: int):
 
 
 class EmaState(NamedTuple):
+    """The Grokfast filter's state."""
+
     mu: optax.Params  # the gradient's exponential moving average
     count: jax.Array  # int32: gradients seen
 
