@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pyarrow as pa
@@ -96,13 +95,12 @@ def run(sweep: str | Path | dict, *, set: dict | list | None = None, out: str | 
     Bad input raises SweepError with the command's one-line message."""
     overrides = list(set.items()) if isinstance(set, dict) else list(set or [])
     loaded = _sweep(sweep, overrides)
-    from jaxgrok import cli
+    from jaxgrok import pipeline
 
-    args = argparse.Namespace(out=str(out) if out else None, set=overrides, quiet=not progress,
-                              no_analyze=not analyze, restart=restart, checkpoint_every=checkpoint_every,
-                              shard=None, distributed=False, dry_run=False, x=None, y=None)
-    target = cli.out_dir(loaded, args.out, overrides)
-    code = cli.run_sweep(loaded, args)
+    out = str(out) if out else None
+    target = pipeline.out_dir(loaded, out, overrides)
+    code = pipeline.run(loaded, out=out, overrides=overrides, quiet=not progress, analyze=analyze, restart=restart,
+                        checkpoint_every=checkpoint_every)
     if code:
         raise SweepError(f"{loaded.path}: the run stopped (exit {code}); run it again to resume")
     return Results(target)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrok import engine, tasks, train
+from jaxgrok import engine, memory, tasks, train
 from jaxgrok.sweep import sweep_from_dict
 
 CONTENDERS = ("jaxgrok", "jaxgrok_measures", "jaxgrok_llc", "jax_loop", "torch_loop", "torch_vmap")
@@ -57,8 +57,8 @@ def workload_sweep(name: str, n_runs: int, steps: int, eval_every: int, contende
 
 
 def flops_per_model_step(sweep) -> float:
-    """Analytic matmul FLOPs of one run's training step, its evaluation amortised (train.flops_per_step)."""
-    return train.flops_per_step(sweep.static)
+    """Analytic matmul FLOPs of one run's training step, its evaluation amortised (memory.flops_per_step)."""
+    return memory.flops_per_step(sweep.static)
 
 
 CEILING_PRECISION = {"float32": (jnp.float32, "highest"), "tf32": (jnp.float32, "high"), "bfloat16": (jnp.bfloat16, None)}
@@ -147,7 +147,7 @@ def measure(workload: str, n_runs: int, steps: int, eval_every: int, contenders,
         row["achieved_flops"] = flops * jg
         row["ratios"] = {f"jaxgrok/{c}": jg / r["model_steps_per_s"] for c, r in rates.items() if c != "jaxgrok"}
         program = train.make_program(sweep.static)
-        row["memory_per_run_bytes_estimate"] = train.bytes_per_run(sweep.static, program)
+        row["memory_per_run_bytes_estimate"] = memory.bytes_per_run(sweep.static, program)
         if (batch := rates["jaxgrok"].get("batch_bytes_per_device")) is not None:  # as XLA reports it
             row["memory_per_run_bytes_xla"] = batch * program.sharding.mesh.size / rates["jaxgrok"]["runs_per_batch"]
         stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None

@@ -3,81 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
-import pyarrow.parquet as pq
 
 from jaxgrok.analyze import AnalysisError
 from jaxgrok.results import ResultsError
 from jaxgrok.sweep import SweepError, load_sweep
-
-
-class _Display:
-    """A live progress bar on a terminal; one line per chunk otherwise (logs, CI, pipes). It says
-    when compiling ends, and gives the elapsed time and the time left from the measured rate."""
-
-    def __init__(self, total: int, live: bool):
-        self.live, self.start = live, time.perf_counter()
-        if live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                                TimeElapsedColumn(), TextColumn("{task.fields[left]}"))
-            self.task = self.bar.add_task("train", total=total, stage="compiling", info="", left="")
-            self.bar.start()
-
-    def __call__(self, p) -> None:
-        if p.compiled_s is not None:
-            if self.live:
-                self.bar.update(self.task, stage="training", info=f"compiled in {p.compiled_s:.1f} s; first chunk…")
-            else:
-                print(f"compiled in {p.compiled_s:.1f} s; training", flush=True)
-            return
-        left = (p.steps_total - p.steps_done) / p.model_steps_per_s if p.model_steps_per_s > 0 else float("nan")
-        info = (f"{p.steps_done:,}/{p.steps_total:,} model-steps · memorised {p.memorised} · "
-                f"grokked {p.grokked} · {p.model_steps_per_s:,.0f} model-steps/s")
-        if p.n_batches > 1:
-            info += f" · batch {p.batch + 1}/{p.n_batches}"
-        left_text = f"about {_duration(left)} left" if np.isfinite(left) else ""
-        if self.live:
-            self.bar.update(self.task, completed=p.steps_done, info=info, left=left_text)
-        else:
-            elapsed = time.perf_counter() - self.start
-            print(f"{info} · {_duration(elapsed)} elapsed{', ' + left_text if left_text else ''}", flush=True)
-
-    def close(self) -> None:
-        if self.live:
-            self.bar.stop()
-            self.live = False
-
-
-def _summary(out: Path, result, n_done_before: int) -> str:
-    from jaxgrok.analyze import load_runs
-
-    cols, _ = load_runs(out)
-    n, censored = len(cols["run_id"]), cols["censored"]
-    grokked = int((~censored).sum())
-    lines = []
-    if n_done_before:
-        lines.append(f"{n_done_before} runs were already done in {out}; trained {len(result.index)} more")
-    lines.append(f"{n} runs: {grokked} grokked ({grokked / max(n, 1):.0%}), {n - grokked} censored at "
-                 f"{int(cols['steps'].max())} steps, {int(cols['diverged'].sum())} diverged")
-    if grokked:
-        lines.append(f"median t_val of the grokked runs: {np.median(cols['t_val'][~censored]):.0f} steps "
-                     f"(median delay after t_train: {np.nanmedian(cols['delay']):.0f})")
-    phases, counts = np.unique(cols["phase"], return_counts=True)
-    lines.append("phases: " + ", ".join(f"{p} {c}" for p, c in zip(phases, counts)))
-    if len(result.index):
-        lines.append(f"compile {result.compile_s:.1f} s, train {result.train_s:.1f} s "
-                     f"({len(result.index) * result.sweep.static.train.steps / max(result.train_s, 1e-9):,.0f} model-steps/s)")
-    lines.append(f"wrote {out / 'runs.parquet'} and {out / 'curves.parquet'}")
-    return "\n".join(lines)
 
 
 def _parse_shard(text: str | None) -> tuple[int, int]:
@@ -105,159 +37,17 @@ def _start_processes(args) -> None:
         jax.distributed.initialize()
 
 
-def out_dir(sweep, out: str | None, overrides) -> Path:
-    """`--out`, else results/NAME, or for a sweep with overrides results/NAME-set-HASH: an
-    overridden sweep never lands in (and never replaces) the results of the file as it is."""
-    from jaxgrok.sweep import overrides_id
-
-    if out:
-        return Path(out)
-    return Path("results") / (f"{sweep.name}-set-{overrides_id(overrides)}" if overrides else sweep.name)
-
-
 def cmd_run(args) -> int:
+    """`jaxgrok run`: the pipeline over a sweep file, with the command's options."""
     sweep = load_sweep(args.sweep, args.set)  # every input error surfaces here, before any output
-    return run_sweep(sweep, args)
-
-
-def run_sweep(sweep, args) -> int:
-    """`jaxgrok run` on a loaded sweep (args: the run command's options; also the Python API's path)."""
-    shard, n_shards = _parse_shard(args.shard)
+    shard = _parse_shard(args.shard)
     if args.distributed:
         _start_processes(args)
-    import jax
+    from jaxgrok import pipeline
 
-    from jaxgrok import lock, train
-
-    train.check_fits(sweep, train.memory_budget())  # before anything is written
-    out = out_dir(sweep, args.out, args.set)
-    if args.dry_run:
-        return _dry_run(sweep, out)
-    if args.set and not args.out and not args.quiet and jax.process_index() == 0:
-        print(f"with --set: results in {out} ({Path('results') / sweep.name} keeps the sweep file's own)", flush=True)
-    shard_tag = f"s{shard}of{n_shards}" if n_shards > 1 else ""
-    created = not out.exists()
-    with contextlib.ExitStack() as held:
-        refused = None
-        if jax.process_index() == 0:  # the processes of one --distributed sweep share the directory
-            try:
-                held.enter_context(lock.holding(out, shard_tag))
-            except lock.InUse as e:
-                refused = e
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            if multihost_utils.process_allgather(np.array(refused is not None)).any():
-                refused = refused or lock.InUse(f"{out} is in use by another jaxgrok run (see process 0)")
-        if refused:
-            raise refused
-        try:
-            return _run(args, sweep, out, shard, n_shards, shard_tag)
-        except SweepError:  # refused after the directory was made (the compiled batch does not fit):
-            if created:  # leave no trace of this run
-                _remove_if_empty(out)
-            raise
-
-
-def _remove_if_empty(out: Path) -> None:
-    """Remove a results directory this run created, if it holds nothing but its lock and empty folders."""
-    for f in out.glob(".lock*"):
-        f.unlink()
-    from jaxgrok.store import _rmdir_if_empty
-
-    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [out]:
-        _rmdir_if_empty(folder)
-
-
-def _run(args, sweep, out: Path, shard: int, n_shards: int, shard_tag: str) -> int:
-    import jax
-
-    from jaxgrok import engine
-    from jaxgrok.store import Interrupted, Store
-
-    me, n_proc = jax.process_index(), jax.process_count()
-    tag = "-".join(t for t in (shard_tag, f"p{me}" if n_proc > 1 else "") if t)
-    store = Store(out, sweep, restart=args.restart and me == 0, checkpoint_every=args.checkpoint_every,
-                  tag=tag, shard_tag=shard_tag)
-    store.catch_signals()
-    index = np.arange(sweep.n_runs)[shard::n_shards]  # round robin: every shard gets every cell
-    n_done = len(index) - len(store.pending(index))
-    quiet = args.quiet or me != 0  # one voice per sweep
-    if not quiet and (others := store.done_hashes() - set(sweep.run_hashes)):
-        print(_other_version(out, sweep, len(others)), flush=True)
-    display = _Display((len(index) - n_done) * sweep.static.train.steps, live=sys.stdout.isatty() and not quiet)
-    if not quiet:
-        where = f" (shard {shard}/{n_shards})" if n_shards > 1 else ""
-        print(f"{sweep.name}{where}: {len(index)} runs × {sweep.static.train.steps} steps "
-              f"({sweep.static.model.kind} on {sweep.static.task.op}) on {len(jax.devices())} devices"
-              f"{f' of {n_proc} processes' if n_proc > 1 else ''}; following {sweep.paper}", flush=True)
-        if n_done:
-            print(f"resuming in {out}: {n_done} of {len(index)} runs already done", flush=True)
-    try:
-        result = engine.train_sweep(sweep, index=index, on_chunk=None if quiet else display, store=store)
-    except Interrupted as e:
-        print(f"jaxgrok: {e}; checkpoint written in {out}; run the same command again to resume", file=sys.stderr)
-        return 128 + e.signum
-    finally:
-        display.close()
-        store.release_signals()
-    if n_proc > 1:  # every process has written its parts before process 0 merges them
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jaxgrok: parts written")
-        if me != 0:
-            return 0
-    missing = len(store.pending(np.arange(sweep.n_runs)))
-    if missing:  # other shards are still at work: the last one to finish merges
-        print(f"shard {shard}/{n_shards} done; {missing} runs of other shards still to come in {out}")
-        return 0
-    store.merge()
-    print(_summary(out, result, n_done))
-    if not args.no_analyze:
-        return cmd_analyze(argparse.Namespace(results_dir=out, x=None, y=None))
-    return 0
-
-
-def _other_version(out: Path, sweep, n_others: int) -> str:
-    """One line: DIR holds runs that this sweep does not have (another version of the file)."""
-    import pyarrow as pa
-
-    from jaxgrok.sweep import said_differences
-
-    what = ""
-    try:
-        before = json.loads(pq.read_schema(out / "runs.parquet").metadata[b"jaxgrok.sweep"])
-        what = f" (differs in: {said})" if (said := said_differences(before, sweep.resolved, 3)) else ""
-    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):  # no readable runs.parquet: no details
-        pass
-    return (f"{out} also holds {n_others} runs of another version of this sweep{what}: they stay in "
-            f"{out / 'parts'} and are left out of runs.parquet")
-
-
-def _dry_run(sweep, out: Path) -> int:
-    from jaxgrok import engine
-    from jaxgrok.train import human_bytes
-
-    d = engine.dry_run(sweep)
-    batch = human_bytes(d["batch_bytes"]) + " per device (XLA)" if d["batch_bytes"] else "not reported by this backend"
-    print(f"{sweep.name}: {d['runs']:,} runs × {d['steps']:,} steps = {d['model_steps']:,} model-steps "
-          f"({sweep.static.model.kind} on {sweep.static.task.op}); following {sweep.paper}\n"
-          f"on {d['devices']} {d['platform']} devices: {d['batches']} batch{'es' if d['batches'] > 1 else ''} of "
-          f"{d['runs_per_batch']} runs, chunks of {d['chunk_steps']:,} steps\n"
-          f"memory: about {human_bytes(d['bytes_per_run'])} per run (estimate), {batch} per batch; budget "
-          f"{human_bytes(d['budget'])} per device\n"
-          f"time: compile {d['compile_s']:.1f} s; one evaluation interval ({sweep.static.train.eval_every} steps) "
-          f"of a batch took {d['interval_s'] * 1e3:,.1f} ms → about {_duration(d['train_s'])} of training\n"
-          f"would write {out}/ (nothing was written)")
-    return 0
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    return pipeline.run(sweep, out=args.out, overrides=args.set, quiet=args.quiet, analyze=not args.no_analyze,
+                        restart=args.restart, checkpoint_every=args.checkpoint_every, shard=shard,
+                        dry_run=args.dry_run)
 
 
 GPU_FLOPS = 1e15  # a sweep past this many matmul FLOPs is sized for an accelerator
@@ -274,7 +64,7 @@ def cmd_list(args) -> int:
     files = sorted(folder.glob("*.toml"))
     if not files:
         raise SweepError(f"{folder}: no sweep files (*.toml) there")
-    from jaxgrok.train import flops_per_step
+    from jaxgrok.memory import flops_per_step
 
     short = lambda x: f"{x:.1e}".replace("e+0", "e").replace("e+", "e")  # noqa: E731
     rows = []
@@ -295,15 +85,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from jaxgrok.analyze import analyze
+    from jaxgrok import pipeline
 
-    try:
-        written = analyze(args.results_dir, args.x, args.y)
-    except OSError as e:  # reading problems are ResultsErrors: this is a write
-        raise AnalysisError(f"{e.filename or args.results_dir}: {e.strerror or e}; the analysis writes stats.parquet, "
-                            "figures/ and report.html into the results directory") from None
-    print(f"analysis: {written['report']} (stats.parquet, figures/)")
-    return 0
+    return pipeline.analyze_dir(args.results_dir, args.x, args.y)
 
 
 def cmd_compare(args) -> int:
@@ -428,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     # beats one device running batched kernels (BENCHMARKS.md). Must be set before jax starts.
     os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(os.cpu_count() or 1))
     args = build_parser().parse_args(argv)
-    from jaxgrok.lock import InUse
+    from jaxgrok.store.lock import InUse
 
     try:
         return args.func(args)

@@ -12,13 +12,13 @@ import dataclasses
 import hashlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import jax
 import numpy as np
 
-from jaxgrok import grokking, measures, results, train
+from jaxgrok import grokking, measures, memory, results, train
 from jaxgrok.store import Interrupted, Store
 from jaxgrok.sweep import Sweep, SweepError, said_differences
 
@@ -39,6 +39,8 @@ class Progress:
 
 @dataclass
 class SweepResult:
+    """What train_sweep returns: the curves, outcomes and spectra of the runs it trained, and its timings."""
+
     sweep: Sweep
     index: np.ndarray  # run ids trained by this call, positions in sweep.runs
     steps: np.ndarray  # [evals]: the step of each evaluation
@@ -139,62 +141,6 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
     return batches, resume
 
 
-def _out_of_memory(error: Exception) -> bool:
-    """Whether an XLA error says the device ran out of memory (at allocation or while running). A
-    failed write (a full disk says RESOURCE_EXHAUSTED too, through tensorstore) never does."""
-    if isinstance(error, OSError):
-        return False
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
-def _compile(program: train.Program, per_batch: int):
-    """Both programs compiled ahead for batches of `per_batch` runs, from shapes alone: nothing is
-    allocated on the device before we know that the batch fits."""
-    hp, state = train.abstract_inputs(program, per_batch)
-    init = program.init.lower(hp).compile()
-    chunk = program.chunk.lower(state, hp, np.int32(0)).compile()
-    return init, chunk
-
-
-def _metrics_bytes(program: train.Program, runs_per_device: int) -> int:
-    """The bytes of one chunk's metrics on a device."""
-    return runs_per_device * program.evals_per_chunk * len(train.METRICS) * 4
-
-
-def _fit(program: train.Program, static, n_runs: int, budget: int, where: str = "sweep"):
-    """(runs per batch, compiled init, compiled chunk, bytes per device) for batches that fit in
-    `budget` bytes per device. The analytic estimate gives a first size; then what XLA says the
-    compiled program needs (where the backend says it) decides: a line through two sizes' needs
-    (fixed costs such as the task table and the code, plus a cost per run) gives the largest batch
-    that fits. A few compiles at most, once per sweep."""
-    n_dev = program.sharding.mesh.size
-    per_device = train.runs_per_batch(static, program, n_runs, budget) // n_dev
-    everything = -(-n_runs // n_dev)
-    points: list[tuple[int, int]] = []  # (runs per device, bytes it needs)
-    while True:
-        init, chunk = _compile(program, per_device * n_dev)
-        need = train.batch_bytes(init, chunk, _metrics_bytes(program, per_device))
-        if need is None or static.train.max_runs_per_batch:
-            return per_device * n_dev, init, chunk, need
-        if need > budget and per_device == 1:
-            raise train.TooLarge(f"{where}: one run needs {train.human_bytes(need)} of device memory, more than the "
-                                 f"budget of {train.human_bytes(budget)} per device (JAXGROK_MEMORY_BUDGET, or the device's limit)")
-        points.append((per_device, need))
-        if len(points) >= 2:
-            (n0, b0), (n1, b1) = points[-2:]
-            per_run = max((b1 - b0) / (n1 - n0), 1.0)
-            target = int((budget - (b1 - per_run * n1)) // per_run)
-        else:  # one point: fixed costs counted per run, an underestimate of what fits
-            target = int(budget // (need / per_device))
-            if need <= budget and target <= per_device < everything:
-                target = 2 * per_device  # a second size, to tell fixed costs from costs per run
-        target = max(1, min(everything, target))
-        if need <= budget and (target <= per_device or len(points) >= 4):
-            return per_device * n_dev, init, chunk, need
-        per_device = min(target, per_device - 1) if need > budget else target
-
-
 def train_sweep(
     sweep: Sweep,
     index: np.ndarray | None = None,
@@ -207,133 +153,221 @@ def train_sweep(
     `devices` and `vectorize` go to train.make_program. With a `store`, runs it already holds are
     skipped, progress is checkpointed, and Interrupted is raised after a checkpoint on a signal.
     A batch that runs out of device memory is halved and trained again (nothing finished is lost)."""
-    static = sweep.static
     index = np.arange(sweep.n_runs) if index is None else np.asarray(index)
-    program = train.make_program(static, devices, vectorize)
-    n_dev = program.sharding.mesh.size
+    ctx = _Context(sweep, train.make_program(sweep.static, devices, vectorize), store, on_chunk, devices, vectorize)
     start = time.perf_counter()
     # Sized from the whole request, not from what is left: the same on every restart.
-    per_batch, init, chunk, need = _fit(program, static, len(index), train.memory_budget(), sweep.path)
+    compiled = _Compiled(*memory.fit(ctx.program, sweep.static, len(index), memory.memory_budget(), sweep.path))
     compile_s = time.perf_counter() - start  # timed apart from training
-    batches, resume = _plan(sweep, index, per_batch, store)
-    if on_chunk:  # compiled: the display says training has begun, before the first chunk ends
-        on_chunk(Progress(0, 0, 0, 0, 0.0, 0, 0, compiled_s=compile_s))
-    if not _agree(repr([b.tolist() for b in batches]) + str(resume)):
-        # Processes saw different checkpoints: drop them all and start those runs afresh.
-        store.clear_checkpoints()
-        batches, resume = _plan(sweep, index, per_batch, store)
-    n_evals = static.train.steps // static.train.eval_every
-    epc = program.evals_per_chunk
-    steps = np.arange(1, n_evals + 1, dtype=np.int64) * static.train.eval_every
-    hashes = sweep.run_hashes
-    thr = static.grokking.threshold
+    plan = _agreed_plan(ctx, index, compiled.per_batch, compile_s)
+    tally = _Tally(time.perf_counter(), sum(len(r) for r in plan.batches) * sweep.static.train.steps)
+    b = 0
+    while b < len(plan.batches):
+        try:
+            curves, rows, energies = _train_batch(ctx, compiled, plan, tally, b)
+        except Exception as error:  # XLA's out-of-memory error has no class of its own
+            if not memory.out_of_memory(error) or compiled.per_batch == ctx.program.sharding.mesh.size:
+                raise
+            compiled, plan, seconds = _halved(ctx, compiled, plan, b)
+            compile_s += seconds
+            continue
+        _batch_done(ctx, tally, curves, rows, energies, len(plan.batches[b]))
+        b += 1
+    return _result(ctx, tally, compile_s, compiled)
 
-    def batch_hparams(rows):
-        return _batch_hparams(sweep, rows, per_batch, program)
 
-    def catch_up(n: int):
+@dataclass(frozen=True)
+class _Context:
+    """What every batch of one train_sweep call shares."""
+
+    sweep: Sweep
+    program: train.Program
+    store: Store | None
+    on_chunk: Callable[[Progress], None] | None
+    devices: object
+    vectorize: bool | None
+
+    @property
+    def n_evals(self) -> int:
+        """Evaluations of each run."""
+        return self.sweep.static.train.steps // self.sweep.static.train.eval_every
+
+    @property
+    def steps(self) -> np.ndarray:
+        """The step of each evaluation."""
+        return np.arange(1, self.n_evals + 1, dtype=np.int64) * self.sweep.static.train.eval_every
+
+    def catch_up(self, n: int):
         """A chunk of `n` evaluations: a checkpoint saved between two chunks of another chunk_steps
         is brought to a chunk boundary by one shorter chunk (compiled once, on such a resume only)."""
-        return train.make_program(static, devices, vectorize, evals=n).chunk
+        return train.make_program(self.sweep.static, self.devices, self.vectorize, evals=n).chunk
 
-    done_curves: list[np.ndarray] = []
-    done_energies: list[np.ndarray] = []
-    trained_rows: list[np.ndarray] = []
-    start, trained_here = time.perf_counter(), 0
-    total = sum(len(r) for r in batches) * static.train.steps  # over all processes
-    finished = 0  # runs of finished batches, all processes
 
-    def train_batch(b: int, rows: np.ndarray):
-        nonlocal trained_here
-        hp = batch_hparams(rows)
-        state = init(hp)
-        local, _ = _local(hp.seed)  # the rows of the padded batch that this process holds
-        mine = local[local < len(rows)]  # ...and of those, the real runs
-        curves = np.full((per_batch, n_evals, len(train.METRICS)), np.nan, np.float32)
-        first = 0  # evaluations done
-        if b == 0 and resume and (got := store.restore(_abstract(state, curves, program.sharding))):
-            state, saved_curves, steps_done = got
-            curves[local] = _local(saved_curves)[1]
-            first = steps_done // static.train.eval_every
+@dataclass
+class _Compiled:
+    """Both programs compiled for batches of `per_batch` runs, and the bytes per device XLA says they need."""
 
-        def collect(e0, n, metrics):
-            nonlocal trained_here
-            # Host sync: blocks until this chunk is done (the next one is already queued behind it).
-            pos, data = _local(metrics)
-            curves[pos, e0:e0 + n] = data
-            # Processes move in step, so this process's share scales to the whole.
-            trained_here += len(rows) * n * static.train.eval_every
-            if on_chunk:
-                counts = [grokking.progress_counts(c_[..., 1], c_[..., 3], thr)
-                          for c_ in done_curves + [curves[mine, :e0 + n]]]
-                steps_done = finished * static.train.steps + len(rows) * (e0 + n) * static.train.eval_every
-                on_chunk(Progress(steps_done, total, sum(m for m, _ in counts), sum(g for _, g in counts),
-                                  trained_here / max(time.perf_counter() - start, 1e-9), b, len(batches)))
+    per_batch: int
+    init: Callable
+    chunk: Callable
+    need: int | None
 
-        # (first evaluation, evaluations, compiled chunk) for what is left of the run
-        todo = [(first, epc - first % epc, catch_up(epc - first % epc))] if first % epc else []
-        todo += [(e0, epc, chunk) for e0 in range(first + (-first) % epc, n_evals, epc)]
-        pending = None
-        for k, (e0, n, run_chunk) in enumerate(todo):
-            # The evaluation counter makes the measures' cadence and randomness count from the run's
-            # start, whatever the chunking.
-            state, metrics = run_chunk(state, hp, np.int32(e0))
-            if pending is not None:
-                collect(*pending)
-            pending = (e0, n, metrics)
-            if store is not None and e0 + n < n_evals and (
-                    _stop_requested(store) or (k + 1) % store.checkpoint_every == 0):
-                collect(*pending)
-                pending = None
-                global_curves = jax.make_array_from_process_local_data(program.sharding, curves[local], curves.shape)
-                store.save(state, global_curves, [hashes[r] for r in rows], (e0 + n) * static.train.eval_every)
-                if store.stop_signal is not None:
-                    raise Interrupted(store.stop_signal)
+
+@dataclass
+class _Plan:
+    batches: list[np.ndarray]  # the runs of each batch, positions in sweep.runs
+    resume: bool  # the first batch continues from a checkpoint
+
+
+@dataclass
+class _Tally:
+    """What this call has trained so far: the finished batches' runs, and the display's counts."""
+
+    start: float  # when training began (after compiling)
+    total: int  # model-steps to train, all processes
+    trained_here: int = 0  # model-steps done, scaled to all processes
+    finished: int = 0  # runs of finished batches, all processes
+    curves: list[np.ndarray] = field(default_factory=list)
+    energies: list[np.ndarray] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    """The batch in training: its runs, its padded Hparams, and its curves so far."""
+
+    b: int  # its position in the plan
+    rows: np.ndarray  # its runs (all processes')
+    hp: train.Hparams
+    local: np.ndarray  # the rows of the padded batch that this process holds
+    mine: np.ndarray  # ...and of those, the real runs
+    curves: np.ndarray  # float32[per_batch, evals, len(METRICS)], NaN where not yet trained
+
+
+def _agreed_plan(ctx: _Context, index: np.ndarray, per_batch: int, compile_s: float) -> _Plan:
+    """The plan (see _plan), the same on every process; the display hears that compiling took `compile_s`."""
+    batches, resume = _plan(ctx.sweep, index, per_batch, ctx.store)
+    if ctx.on_chunk:  # compiled: the display says training has begun, before the first chunk ends
+        ctx.on_chunk(Progress(0, 0, 0, 0, 0.0, 0, 0, compiled_s=compile_s))
+    if not _agree(repr([b.tolist() for b in batches]) + str(resume)):
+        # Processes saw different checkpoints: drop them all and start those runs afresh.
+        ctx.store.clear_checkpoints()
+        batches, resume = _plan(ctx.sweep, index, per_batch, ctx.store)
+    return _Plan(batches, resume)
+
+
+def _train_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, tally: _Tally, b: int):
+    """Train batch `b` of the plan, from its checkpoint if it has one, and return this process's
+    (curves, rows, final spectra) of its real runs. With a store, the batch is checkpointed every
+    few chunks and on a signal (then Interrupted is raised)."""
+    batch, state, first = _begin_batch(ctx, compiled, plan, b)
+    cfg, store, epc = ctx.sweep.static.train, ctx.store, ctx.program.evals_per_chunk
+    # (first evaluation, evaluations, compiled chunk) for what is left of the run
+    todo = [(first, epc - first % epc, ctx.catch_up(epc - first % epc))] if first % epc else []
+    todo += [(e0, epc, compiled.chunk) for e0 in range(first + (-first) % epc, ctx.n_evals, epc)]
+    pending = None
+    for k, (e0, n, run_chunk) in enumerate(todo):
+        # The evaluation counter makes the measures' cadence and randomness count from the run's
+        # start, whatever the chunking.
+        state, metrics = run_chunk(state, batch.hp, np.int32(e0))
         if pending is not None:
-            collect(*pending)
-        pos, energies = _local(state.energies)  # the final spectrum: each run's key frequencies
-        energies = energies[:, :measures.n_frequencies(static, program.table.n_symbols)]  # not the placeholder
-        return curves[mine], rows[mine], energies[np.isin(pos, mine)]  # with several processes, each keeps its own
+            _collect(ctx, tally, batch, len(plan.batches), *pending)
+        pending = (e0, n, metrics)
+        if store is not None and e0 + n < ctx.n_evals and (
+                _stop_requested(store) or (k + 1) % store.checkpoint_every == 0):
+            _collect(ctx, tally, batch, len(plan.batches), *pending)
+            pending = None
+            _checkpoint(ctx, batch, state, (e0 + n) * cfg.eval_every)
+    if pending is not None:
+        _collect(ctx, tally, batch, len(plan.batches), *pending)
+    pos, energies = _local(state.energies)  # the final spectrum: each run's key frequencies
+    energies = energies[:, :measures.n_frequencies(ctx.sweep.static, ctx.program.table.n_symbols)]  # not the placeholder
+    mine = batch.mine
+    return batch.curves[mine], batch.rows[mine], energies[np.isin(pos, mine)]  # with several processes, each keeps its own
 
-    b = 0
-    while b < len(batches):
-        try:
-            curves, rows, energies = train_batch(b, batches[b])
-        except Exception as error:  # XLA's out-of-memory error has no class of its own
-            if not _out_of_memory(error) or per_batch == n_dev:
-                raise
-            # Halve the batch, compile once more, and train this batch's runs and the rest again in
-            # the smaller batches; finished batches are kept (and a checkpoint of the failed one,
-            # sized for the old batch, is dropped).
-            per_batch = per_batch // n_dev // 2 * n_dev
-            t = time.perf_counter()
-            init, chunk = _compile(program, per_batch)
-            compile_s += time.perf_counter() - t
-            need = train.batch_bytes(init, chunk, _metrics_bytes(program, per_batch // n_dev))
-            rest = np.concatenate(batches[b:])
-            batches = batches[:b] + [rest[k:k + per_batch] for k in range(0, len(rest), per_batch)]
-            if store is not None and resume and b == 0:
-                store.clear_checkpoints()
-            resume = False
-            continue
-        if store is not None:
-            named = {m: curves[..., i] for i, m in enumerate(train.METRICS)}
-            outcomes = grokking.analyse(named, steps, static.grokking)
-            store.write_batch(_runs_table(sweep, rows, named, outcomes, energies),
-                              results.curves_table(rows, steps, named, sweep.resolved, [hashes[i] for i in rows]))
-        done_curves.append(curves)
-        done_energies.append(energies)
-        trained_rows.append(rows)
-        finished += len(batches[b])
-        b += 1
 
-    trained = np.concatenate(trained_rows) if trained_rows else np.zeros(0, np.int64)
-    all_curves = np.concatenate(done_curves) if done_curves else np.zeros((0, n_evals, len(train.METRICS)), np.float32)
+def _begin_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, b: int) -> tuple[_Batch, train.RunState, int]:
+    """Batch `b`'s initial state, or its checkpointed one on a resume, and the evaluations it has done."""
+    rows = plan.batches[b]
+    hp = _batch_hparams(ctx.sweep, rows, compiled.per_batch, ctx.program)
+    state = compiled.init(hp)
+    local, _ = _local(hp.seed)
+    curves = np.full((compiled.per_batch, ctx.n_evals, len(train.METRICS)), np.nan, np.float32)
+    batch = _Batch(b, rows, hp, local, local[local < len(rows)], curves)
+    first = 0  # evaluations done
+    if b == 0 and plan.resume and (got := ctx.store.restore(_abstract(state, curves, ctx.program.sharding))):
+        state, saved_curves, steps_done = got
+        curves[local] = _local(saved_curves)[1]
+        first = steps_done // ctx.sweep.static.train.eval_every
+    return batch, state, first
+
+
+def _collect(ctx: _Context, tally: _Tally, batch: _Batch, n_batches: int, e0: int, n: int, metrics) -> None:
+    """Take a chunk's metrics into the batch's curves and tell the display."""
+    cfg = ctx.sweep.static.train
+    # Host sync: blocks until this chunk is done (the next one is already queued behind it).
+    pos, data = _local(metrics)
+    batch.curves[pos, e0:e0 + n] = data
+    # Processes move in step, so this process's share scales to the whole.
+    tally.trained_here += len(batch.rows) * n * cfg.eval_every
+    if ctx.on_chunk:
+        thr = ctx.sweep.static.grokking.threshold
+        counts = [grokking.progress_counts(c_[..., 1], c_[..., 3], thr)
+                  for c_ in tally.curves + [batch.curves[batch.mine, :e0 + n]]]
+        steps_done = tally.finished * cfg.steps + len(batch.rows) * (e0 + n) * cfg.eval_every
+        ctx.on_chunk(Progress(steps_done, tally.total, sum(m for m, _ in counts), sum(g for _, g in counts),
+                              tally.trained_here / max(time.perf_counter() - tally.start, 1e-9), batch.b, n_batches))
+
+
+def _checkpoint(ctx: _Context, batch: _Batch, state, steps_done: int) -> None:
+    """Checkpoint the batch in progress; then stop if a signal asked for it."""
+    store, curves = ctx.store, batch.curves
+    global_curves = jax.make_array_from_process_local_data(ctx.program.sharding, curves[batch.local], curves.shape)
+    store.save(state, global_curves, [ctx.sweep.run_hashes[r] for r in batch.rows], steps_done)
+    if store.stop_signal is not None:
+        raise Interrupted(store.stop_signal)
+
+
+def _halved(ctx: _Context, compiled: _Compiled, plan: _Plan, b: int) -> tuple[_Compiled, _Plan, float]:
+    """After batch `b` ran out of memory: programs compiled for half the batch, and a plan that
+    trains that batch's runs and the rest again in the smaller batches (finished batches are kept,
+    and a checkpoint of the failed one, sized for the old batch, is dropped); and the compile time."""
+    n_dev = ctx.program.sharding.mesh.size
+    per_batch = compiled.per_batch // n_dev // 2 * n_dev
+    t = time.perf_counter()
+    init, chunk = memory.compile_batch(ctx.program, per_batch)
+    seconds = time.perf_counter() - t
+    need = memory.batch_bytes(init, chunk, memory.metrics_bytes(ctx.program, per_batch // n_dev))
+    rest = np.concatenate(plan.batches[b:])
+    batches = plan.batches[:b] + [rest[k:k + per_batch] for k in range(0, len(rest), per_batch)]
+    if ctx.store is not None and plan.resume and b == 0:
+        ctx.store.clear_checkpoints()
+    return _Compiled(per_batch, init, chunk, need), _Plan(batches, False), seconds
+
+
+def _batch_done(ctx: _Context, tally: _Tally, curves, rows, energies, n_runs: int) -> None:
+    """Keep a finished batch's runs, and with a store commit them as part files."""
+    if ctx.store is not None:
+        sweep, steps = ctx.sweep, ctx.steps
+        named = {m: curves[..., i] for i, m in enumerate(train.METRICS)}
+        outcomes = grokking.analyse(named, steps, sweep.static.grokking)
+        ctx.store.write_batch(_runs_table(sweep, rows, named, outcomes, energies),
+                              results.curves_table(rows, steps, named, sweep.resolved, [sweep.run_hashes[i] for i in rows]))
+    tally.curves.append(curves)
+    tally.energies.append(energies)
+    tally.rows.append(rows)
+    tally.finished += n_runs
+
+
+def _result(ctx: _Context, tally: _Tally, compile_s: float, compiled: _Compiled) -> SweepResult:
+    trained = np.concatenate(tally.rows) if tally.rows else np.zeros(0, np.int64)
+    all_curves = (np.concatenate(tally.curves) if tally.curves
+                  else np.zeros((0, ctx.n_evals, len(train.METRICS)), np.float32))
     named = {m: all_curves[..., i] for i, m in enumerate(train.METRICS)}
-    outcomes = grokking.analyse(named, steps, static.grokking)
-    energies = np.concatenate(done_energies) if done_energies else np.zeros((0, 0), np.float32)
-    return SweepResult(sweep, trained, steps, named, outcomes, energies, compile_s, time.perf_counter() - start,
-                       per_batch, need)
+    outcomes = grokking.analyse(named, ctx.steps, ctx.sweep.static.grokking)
+    energies = np.concatenate(tally.energies) if tally.energies else np.zeros((0, 0), np.float32)
+    return SweepResult(ctx.sweep, trained, ctx.steps, named, outcomes, energies, compile_s,
+                       time.perf_counter() - tally.start, compiled.per_batch, compiled.need)
 
 
 def params_at(sweep: Sweep, run: int, steps) -> dict[int, dict]:
@@ -365,7 +399,7 @@ def dry_run(sweep: Sweep, devices=None, vectorize: bool | None = None) -> dict:
     static, cfg = sweep.static, sweep.static.train
     program = train.make_program(static, devices, vectorize)
     t = time.perf_counter()
-    per_batch, init, _, need = _fit(program, static, sweep.n_runs, train.memory_budget(), sweep.path)
+    per_batch, init, _, need = memory.fit(program, static, sweep.n_runs, memory.memory_budget(), sweep.path)
     compile_s = time.perf_counter() - t
     hp = _batch_hparams(sweep, np.arange(min(per_batch, sweep.n_runs)), per_batch, program)
     one = train.make_program(static, devices, vectorize, evals=1).chunk  # one evaluation interval
@@ -380,6 +414,6 @@ def dry_run(sweep: Sweep, devices=None, vectorize: bool | None = None) -> dict:
     return {"runs": sweep.n_runs, "steps": cfg.steps, "model_steps": sweep.n_runs * cfg.steps,
             "devices": program.sharding.mesh.size, "platform": program.sharding.mesh.devices.flat[0].platform,
             "runs_per_batch": per_batch, "batches": n_batches, "chunk_steps": program.evals_per_chunk * cfg.eval_every,
-            "bytes_per_run": train.bytes_per_run(static, program), "batch_bytes": need,
-            "budget": train.memory_budget(), "compile_s": compile_s, "interval_s": interval_s,
+            "bytes_per_run": memory.bytes_per_run(static, program), "batch_bytes": need,
+            "budget": memory.memory_budget(), "compile_s": compile_s, "interval_s": interval_s,
             "train_s": interval_s * n_evals * n_batches}

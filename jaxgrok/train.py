@@ -12,7 +12,7 @@ changes shapes stays in `static` and decides the compile.
 from __future__ import annotations
 
 import collections
-import os
+from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
@@ -21,8 +21,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxgrok import grokfast, measures, models, tasks
-from jaxgrok.sweep import SEED_AXES, Static, Sweep, SweepError
+from jaxgrok import measures, models, optim, tasks
+from jaxgrok.sweep import SEED_AXES, Static, Sweep
 
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")
 METRICS = CURVES + measures.COLUMNS  # one row of a chunk's metrics per evaluation
@@ -119,257 +119,178 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None, ev
     """The compiled program of a sweep's static config over `devices` (all by default). Within a
     device, runs are vmapped (`vectorize`, the default on accelerators) or mapped one at a time
     (the default on CPU). A chunk holds `evals` evaluations (default: evals_per_chunk)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if vectorize is None:
+        vectorize = devices[0].platform != "cpu"
+    s = _setup(static, vectorize)
+    n_evals = evals or evals_per_chunk(static)
+    mesh = Mesh(np.asarray(devices), ("runs",))
+    runs, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
+    init = jax.jit(jax.vmap(partial(init_run, s)), in_shardings=runs, out_shardings=runs)
+    sharded = _over_devices(partial(chunk_run, s, n_evals), mesh, vectorize)
+    chunk = jax.jit(sharded, in_shardings=(runs, runs, replicated), out_shardings=(runs, runs), donate_argnums=0)
+    return Program(init, chunk, s.model, s.table, runs, n_evals)
+
+
+class Setup(NamedTuple):
+    """What every part of one run's program closes over, built once on the host from the static
+    config: it decides shapes, so it decides the compile."""
+
+    static: Static
+    model: models.Model  # in the sweep's precision
+    table: tasks.Table
+    inputs: jax.Array  # int32[N, inputs]: every pair of the task
+    targets: jax.Array  # int32[N]
+    n_freqs: int  # K, the length of a run's Fourier spectrum (0: none)
+    measure: Callable  # measures.build's measure(inputs) -> (values, energies)
+    llc_batch: int  # the LLC's minibatch size; 0: the run's whole training set
+
+
+def _setup(static: Static, vectorize: bool) -> Setup:
     table = tasks.make_table(static.task)
     model = with_precision(models.build(static.model, table.n_symbols, table.n_classes, table.inputs.shape[1]),
                            static.train.precision)
-    inputs, targets = jnp.asarray(table.inputs), jnp.asarray(table.targets)
-    n_pairs, n_train_max, cfg = len(table.targets), static.n_train_max, static.train
-    n_evals = evals or evals_per_chunk(static)
+    loss = partial(per_example_loss, static.loss, table.n_classes)
+    measure = measures.build(static, model, table, loss, vectorize)
+    # The LLC's minibatches: llc_batch_size pairs, or the run's whole training set where that is not
+    # larger (decided per run, not by the sweep's smallest training set).
+    llc_batch = static.measures.llc_batch_size if static.measures.llc_batch_size < static.n_train_max else 0
+    return Setup(static, model, table, jnp.asarray(table.inputs), jnp.asarray(table.targets),
+                 measures.n_frequencies(static, table.n_symbols), measure, llc_batch)
 
-    def per_example_loss(logits, labels):
-        if static.loss == "mse":  # against one-hot targets, averaged over classes (torch's MSELoss)
-            return ((logits - jax.nn.one_hot(labels, table.n_classes)) ** 2).mean(-1)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
-    def optimizer(hp: Hparams):
-        # Built inside the vmapped function, so each run closes over its own traced values.
-        # optax's linear_schedule over 0 steps stays at its initial value (0) forever: no warm-up
-        # must mean the full learning rate from the first step.
-        schedule = optax.linear_schedule(0.0, hp.learning_rate, cfg.warmup_steps) if cfg.warmup_steps else hp.learning_rate
-        if cfg.optimizer == "adam":  # torch.optim.Adam(weight_decay=...): L2 in the gradient
-            opt = optax.chain(optax.add_decayed_weights(hp.weight_decay),
-                              optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2))
-        elif cfg.optimizer == "sgd":  # torch.optim.SGD(weight_decay=...), no momentum
-            opt = optax.chain(optax.add_decayed_weights(hp.weight_decay), optax.sgd(schedule))
-        else:
-            opt = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=hp.weight_decay)
-        # Grokfast filters the loss gradient before the optimizer sees it (as in its torch code, where
-        # the filter rewrites p.grad before optimizer.step). In the program only when a run uses it.
-        return optax.chain(grokfast.ema(hp.grokfast_alpha, hp.grokfast_lambda), opt) if static.grokfast else opt
+def _over_devices(chunk_run_: Callable, mesh: Mesh, vectorize: bool) -> Callable:
+    """One run's chunk over a run-sharded batch: each device trains its own shard of the run axis
+    and nothing crosses devices. The evaluation counter `first_eval` is one scalar for all runs."""
+    if vectorize:  # accelerators: all of a device's runs in one wide kernel
+        per_device = jax.vmap(chunk_run_, in_axes=(0, 0, None))
+    else:
+        # CPU: one run after another. XLA's batched CPU kernels (and the scatter-adds that batched
+        # gathers turn into) are slower per run than unbatched ones; each core is a device instead.
+        per_device = lambda state, hp, e: jax.lax.map(lambda a: chunk_run_(*a, e), (state, hp))  # noqa: E731
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P("runs"), P("runs"), P()), out_specs=P("runs"))
 
-    n_freqs = measures.n_frequencies(static, table.n_symbols)
 
-    def init_run(hp: Hparams) -> RunState:
-        with matmul_precision(cfg.precision):
-            return _init_run(hp)
+# ---------------------------------------------------------------------------------------------
+# One run: initialization, a training step, an evaluation, a chunk
 
-    def _init_run(hp: Hparams) -> RunState:
+
+def per_example_loss(loss: str, n_classes: int, logits, labels):
+    """The loss of each example: cross-entropy, or for `loss` "mse" the squared error against
+    one-hot targets averaged over classes (torch's MSELoss)."""
+    if loss == "mse":
+        return ((logits - jax.nn.one_hot(labels, n_classes)) ** 2).mean(-1)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _loss(s: Setup, logits, labels):
+    return per_example_loss(s.static.loss, s.table.n_classes, logits, labels)
+
+
+def _optimizer(s: Setup, hp: Hparams) -> optax.GradientTransformation:
+    # Built inside the vmapped function, so each run closes over its own traced values.
+    return optim.optimizer(s.static.train, hp, s.static.grokfast)
+
+
+def init_run(s: Setup, hp: Hparams) -> RunState:
+    """One run's initial state from its Hparams (traced, unbatched)."""
+    with matmul_precision(s.static.train.precision):
         k_init, _ = jax.random.split(jax.random.key(hp.seed))
         _, k_batch = jax.random.split(jax.random.key(hp.batch_seed))  # = the model seed's by default
         # A perturbation ε·(an independent draw of the same initializer): relative to each tensor's own
         # scale. ε = 0 leaves the weights untouched, bit for bit.
-        noise = model.init(jax.random.fold_in(jax.random.key(hp.noise_seed), NOISE_STREAM))
+        noise = s.model.init(jax.random.fold_in(jax.random.key(hp.noise_seed), NOISE_STREAM))
         params = jax.tree.map(lambda w, z: jnp.where(hp.init_noise > 0, w + hp.init_noise * z, w) * hp.init_scale,
-                              model.init(k_init), noise)
+                              s.model.init(k_init), noise)
+        n_pairs = len(s.table.targets)
         order = jax.random.permutation(jax.random.key(hp.data_seed), n_pairs).astype(jnp.int32)
         is_train = jnp.zeros(n_pairs, bool).at[order].set(jnp.arange(n_pairs) < hp.n_train)
-        return RunState(params, params, optimizer(hp).init(params), order, is_train, k_batch, jnp.array(False),
-                        jnp.zeros(max(n_freqs, 1), jnp.float32))  # orbax saves no zero-size arrays
+        return RunState(params, params, _optimizer(s, hp).init(params), order, is_train, k_batch, jnp.array(False),
+                        jnp.zeros(max(s.n_freqs, 1), jnp.float32))  # orbax saves no zero-size arrays
 
-    def full_batch_loss(params, order, n_train):
-        """The mean loss over the run's n_train training pairs, padded to the sweep's largest
-        training set: the padded length decides how the sum rounds, so it is part of the run hash
-        (sweep.py) wherever it exceeds the run's own."""
-        idx, weight = order[:n_train_max], (jnp.arange(n_train_max) < n_train).astype(jnp.float32)
-        return (weight * per_example_loss(model.apply(params, inputs[idx]), targets[idx])).sum() / weight.sum()
 
-    def minibatch_loss(params, order, n_train, key, size: int, at_most_n_train: bool = False):
-        """The mean loss over `size` distinct training pairs drawn with `key`; with
-        `at_most_n_train`, over all of them where the run has fewer than `size` (the draws past its
-        training set weigh 0)."""
-        noise = jax.random.uniform(key, (n_train_max,)) + (jnp.arange(n_train_max) >= n_train)
-        picked, idx = jax.lax.top_k(-noise, size)
-        loss = per_example_loss(model.apply(params, inputs[order[idx]]), targets[order[idx]])
-        if not at_most_n_train:
-            return loss.mean()
-        weight = (picked > -1).astype(jnp.float32)  # a padded pair's noise is ≥ 1
-        return (weight * loss).sum() / weight.sum()
+def full_batch_loss(s: Setup, params, order, n_train):
+    """The mean loss over the run's n_train training pairs, padded to the sweep's largest
+    training set: the padded length decides how the sum rounds, so it is part of the run hash
+    (sweep.py) wherever it exceeds the run's own."""
+    n_max = s.static.n_train_max
+    idx, weight = order[:n_max], (jnp.arange(n_max) < n_train).astype(jnp.float32)
+    return (weight * _loss(s, s.model.apply(params, s.inputs[idx]), s.targets[idx])).sum() / weight.sum()
 
-    def train_step(state: RunState, hp: Hparams) -> RunState:
-        key, sub = jax.random.split(state.key) if cfg.batch_size else (state.key, None)
-        if cfg.batch_size:
-            loss, grads = jax.value_and_grad(minibatch_loss)(state.params, state.order, hp.n_train, sub, cfg.batch_size)
-        else:
-            loss, grads = jax.value_and_grad(full_batch_loss)(state.params, state.order, hp.n_train)
-        updates, opt_state = optimizer(hp).update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A run whose loss or gradient is non-finite keeps its last finite weights from then on.
-        diverged = state.diverged | ~(jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)))
-        keep = lambda new, old: jnp.where(diverged, old, new)  # noqa: E731
-        params = jax.tree.map(keep, params, state.params)
-        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-        return state._replace(params=params, opt_state=opt_state, key=key, diverged=diverged)
 
-    devices = list(devices if devices is not None else jax.devices())
-    if vectorize is None:
-        vectorize = devices[0].platform != "cpu"
-    measure = measures.build(static, model, table, per_example_loss, vectorize)
-    m_cfg = static.measures
-    # The LLC's minibatches: llc_batch_size pairs, or the run's whole training set where that is not
-    # larger (decided per run, not by the sweep's smallest training set).
-    llc_batch = m_cfg.llc_batch_size if m_cfg.llc_batch_size < static.n_train_max else 0
+def minibatch_loss(s: Setup, params, order, n_train, key, size: int, at_most_n_train: bool = False):
+    """The mean loss over `size` distinct training pairs drawn with `key`; with
+    `at_most_n_train`, over all of them where the run has fewer than `size` (the draws past its
+    training set weigh 0)."""
+    n_max = s.static.n_train_max
+    noise = jax.random.uniform(key, (n_max,)) + (jnp.arange(n_max) >= n_train)
+    picked, idx = jax.lax.top_k(-noise, size)
+    loss = _loss(s, s.model.apply(params, s.inputs[order[idx]]), s.targets[order[idx]])
+    if not at_most_n_train:
+        return loss.mean()
+    weight = (picked > -1).astype(jnp.float32)  # a padded pair's noise is ≥ 1
+    return (weight * loss).sum() / weight.sum()
 
-    def llc_batch_loss(params, order, n_train, key):
-        if llc_batch == 0:
-            return full_batch_loss(params, order, n_train)
-        # Where some run has no more than llc_batch pairs, each run takes min(llc_batch, n_train).
-        return minibatch_loss(params, order, n_train, key, llc_batch, at_most_n_train=llc_batch >= static.n_train_min)
 
-    def evaluate(state: RunState, hp: Hparams, eval_index) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply(state.params, inputs)
-        loss = per_example_loss(logits, targets)
-        correct = (logits.argmax(-1) == targets).astype(jnp.float32)
-        tr = state.is_train.astype(jnp.float32)
-        va = 1.0 - tr
-        train_loss = (loss * tr).sum() / tr.sum()
-        m = jnp.stack([
-            train_loss, (correct * tr).sum() / tr.sum(),
-            (loss * va).sum() / va.sum(), (correct * va).sum() / va.sum(),
-            optax.tree.norm(state.params),
-        ])
-        # The measures' randomness depends on the run and the evaluation only: resumable, and
-        # independent of how steps are cut into chunks. Training's own key is left alone.
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(hp.seed), hp.data_seed), eval_index)
-        batch_loss = lambda p, k: llc_batch_loss(p, state.order, hp.n_train, k)  # noqa: E731
-        values, energies = measure(measures.Inputs(state.params, state.params0, logits, state.is_train,
-                                                   train_loss, batch_loss, key, eval_index))
-        m = jnp.concatenate([m, values])
-        return jnp.where(state.diverged, jnp.nan, m), energies  # a diverged run's curve stops here
+def train_step(s: Setup, state: RunState, hp: Hparams) -> RunState:
+    """One optimizer step of one run, on its minibatch (or its whole training set)."""
+    cfg = s.static.train
+    key, sub = jax.random.split(state.key) if cfg.batch_size else (state.key, None)
+    if cfg.batch_size:
+        loss, grads = jax.value_and_grad(partial(minibatch_loss, s))(state.params, state.order, hp.n_train, sub,
+                                                                     cfg.batch_size)
+    else:
+        loss, grads = jax.value_and_grad(partial(full_batch_loss, s))(state.params, state.order, hp.n_train)
+    updates, opt_state = _optimizer(s, hp).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A run whose loss or gradient is non-finite keeps its last finite weights from then on.
+    diverged = state.diverged | ~(jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)))
+    keep = lambda new, old: jnp.where(diverged, old, new)  # noqa: E731
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    return state._replace(params=params, opt_state=opt_state, key=key, diverged=diverged)
 
-    def chunk_run(state: RunState, hp: Hparams, first_eval):
-        TRACES["chunk"] += 1  # runs at trace time only
-        with matmul_precision(cfg.precision):
-            return _chunk_run(state, hp, first_eval)
 
-    def _chunk_run(state: RunState, hp: Hparams, first_eval):
+def _llc_batch_loss(s: Setup, params, order, n_train, key):
+    if s.llc_batch == 0:
+        return full_batch_loss(s, params, order, n_train)
+    # Where some run has no more than llc_batch pairs, each run takes min(llc_batch, n_train).
+    return minibatch_loss(s, params, order, n_train, key, s.llc_batch, at_most_n_train=s.llc_batch >= s.static.n_train_min)
 
-        def block(state, eval_index):
-            state = jax.lax.fori_loop(0, cfg.eval_every, lambda _, s: train_step(s, hp), state)
-            metrics, energies = evaluate(state, hp, eval_index)
-            return (state._replace(energies=energies) if n_freqs else state), metrics
 
+def evaluate(s: Setup, state: RunState, hp: Hparams, eval_index) -> tuple[jax.Array, jax.Array]:
+    """One run's metrics on the full table (float32[len(METRICS)], NaN once diverged) and its
+    embedding's Fourier spectrum."""
+    logits = s.model.apply(state.params, s.inputs)
+    loss = _loss(s, logits, s.targets)
+    correct = (logits.argmax(-1) == s.targets).astype(jnp.float32)
+    tr = state.is_train.astype(jnp.float32)
+    va = 1.0 - tr
+    train_loss = (loss * tr).sum() / tr.sum()
+    m = jnp.stack([
+        train_loss, (correct * tr).sum() / tr.sum(),
+        (loss * va).sum() / va.sum(), (correct * va).sum() / va.sum(),
+        optax.tree.norm(state.params),
+    ])
+    # The measures' randomness depends on the run and the evaluation only: resumable, and
+    # independent of how steps are cut into chunks. Training's own key is left alone.
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(hp.seed), hp.data_seed), eval_index)
+    batch_loss = lambda p, k: _llc_batch_loss(s, p, state.order, hp.n_train, k)  # noqa: E731
+    values, energies = s.measure(measures.Inputs(state.params, state.params0, logits, state.is_train,
+                                                 train_loss, batch_loss, key, eval_index))
+    m = jnp.concatenate([m, values])
+    return jnp.where(state.diverged, jnp.nan, m), energies  # a diverged run's curve stops here
+
+
+def chunk_run(s: Setup, n_evals: int, state: RunState, hp: Hparams, first_eval):
+    """`n_evals` evaluations of one run, each after `eval_every` steps: (state, metrics[n_evals, len(METRICS)])."""
+    TRACES["chunk"] += 1  # runs at trace time only
+    cfg = s.static.train
+
+    def block(state, eval_index):
+        state = jax.lax.fori_loop(0, cfg.eval_every, lambda _, st: train_step(s, st, hp), state)
+        metrics, energies = evaluate(s, state, hp, eval_index)
+        return (state._replace(energies=energies) if s.n_freqs else state), metrics
+
+    with matmul_precision(cfg.precision):
         return jax.lax.scan(block, state, first_eval + jnp.arange(n_evals, dtype=jnp.int32))
-
-    mesh = Mesh(np.asarray(devices), ("runs",))
-    runs = NamedSharding(mesh, P("runs"))
-    if vectorize:  # accelerators: all of a device's runs in one wide kernel
-        per_device = jax.vmap(chunk_run, in_axes=(0, 0, None))
-    else:
-        # CPU: one run after another. XLA's batched CPU kernels (and the scatter-adds that batched
-        # gathers turn into) are slower per run than unbatched ones; each core is a device instead.
-        per_device = lambda state, hp, e: jax.lax.map(lambda a: chunk_run(*a, e), (state, hp))  # noqa: E731
-    # Each device trains its own shard of the run axis; nothing crosses devices. The evaluation
-    # counter `first_eval` is one scalar for all runs (replicated).
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P("runs"), P("runs"), P()), out_specs=P("runs"))
-    init = jax.jit(jax.vmap(init_run), in_shardings=runs, out_shardings=runs)
-    replicated = NamedSharding(mesh, P())
-    chunk = jax.jit(sharded, in_shardings=(runs, runs, replicated), out_shardings=(runs, runs), donate_argnums=0)
-    return Program(init, chunk, model, table, runs, n_evals)
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory: how many runs go into one batch
-
-
-def bytes_per_run(static: Static, program: Program) -> int:
-    """A generous estimate of one run's device memory: params, initial params, AdamW moments,
-    gradients and update (6×), the split, and the activations of a forward and backward pass (3×)
-    over the larger of the training batch and the full evaluation table; with the LLC, each chain's
-    weights, gradient and noise (3× params) and its minibatch's activations."""
-    n_params = models.n_params(jax.eval_shape(program.model.init, jax.random.key(0)))
-    n_pairs = len(program.table.targets)
-    activations = program.model.activations(max(n_pairs, static.n_train_max))
-    m = static.measures
-    if m.llc:
-        batch = m.llc_batch_size if 0 < m.llc_batch_size < static.n_train_min else static.n_train_max
-        activations += m.llc_chains * (3 * n_params + 3 * program.model.activations(batch))
-    return 4 * (6 * n_params + 3 * activations) + 8 * n_pairs
-
-
-def flops_per_step(static: Static) -> float:
-    """Analytic matmul FLOPs of one run's training step (the forward pass ×3, for the backward pass,
-    over its batch) plus its evaluation on the full table amortised over `eval_every` steps."""
-    size = tasks.sizes(static.task)
-    model = models.build(static.model, size.n_symbols, size.n_classes, size.n_inputs)
-    batch = static.train.batch_size or static.n_train_max
-    return 3 * model.forward_flops(batch) + model.forward_flops(size.n_pairs) / static.train.eval_every
-
-
-class TooLarge(SweepError):
-    """Not even one run per device fits in the device's memory budget; the message is one line."""
-
-
-def least_bytes_per_run(static: Static) -> int:
-    """What one run needs at the very least, counted without building anything: its parameters,
-    initial parameters and two AdamW moments (16 bytes a parameter), and the logits of an
-    evaluation over the whole table."""
-    size = tasks.sizes(static.task)
-    model = models.build(static.model, size.n_symbols, size.n_classes, size.n_inputs)
-    n_params = models.n_params(jax.eval_shape(model.init, jax.random.key(0)))
-    return 16 * n_params + 4 * size.n_pairs * size.n_classes
-
-
-def check_fits(sweep: Sweep, budget: int) -> None:
-    """Refuse, before anything is built or written, a sweep of which not one run can fit."""
-    least = least_bytes_per_run(sweep.static)
-    if least > budget:
-        raise TooLarge(f"{sweep.path}: one run needs at least {human_bytes(least)} (parameters, optimizer state and "
-                       f"the evaluation's logits), more than the budget of {human_bytes(budget)} per device")
-
-
-def memory_budget() -> int:
-    """Bytes of one device that a batch may use: $JAXGROK_MEMORY_BUDGET if set (a number of bytes:
-    to share a GPU, or to test the fallback on CPU), else 85% of what the accelerator reports as its
-    limit, or an even share of 40% of host RAM among the CPU devices."""
-    if (forced := os.environ.get("JAXGROK_MEMORY_BUDGET")) is not None:
-        try:
-            value = float(forced)
-        except ValueError:
-            value = float("nan")
-        if not value >= 1:  # also refuses nan
-            raise SweepError(f"JAXGROK_MEMORY_BUDGET: must be a number of bytes ≥ 1, got {forced!r}")
-        return int(value)
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] * 0.85)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(ram * 0.4) // max(1, len(jax.local_devices()))
-
-
-def runs_per_batch(static: Static, program: Program, n_runs: int, budget: int) -> int:
-    """The first guess at the runs trained together, from the analytic estimate: all of them if
-    they fit, else what fits; a multiple of the devices. (The engine then corrects it with what XLA
-    says the compiled program needs.)"""
-    n_dev = program.sharding.mesh.size
-    if static.train.max_runs_per_batch:
-        per_device = max(1, static.train.max_runs_per_batch // n_dev)
-    else:
-        per_device = max(1, budget // bytes_per_run(static, program))
-    per_device = min(per_device, -(-n_runs // n_dev))
-    return per_device * n_dev
-
-
-def human_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def batch_bytes(init, chunk, metrics_bytes: int) -> int | None:
-    """Bytes one device needs for a batch, from XLA's analysis of the compiled programs: arguments,
-    outputs (less what donation aliases) and temporaries of the larger of `init` and `chunk`, plus
-    `metrics_bytes` for the next chunk's metrics, which are allocated before this chunk's are read.
-    None where the backend does not report it."""
-    needs = []
-    for compiled in (init, chunk):
-        try:
-            m = compiled.memory_analysis()
-        except (NotImplementedError, RuntimeError):
-            return None
-        if m is None:
-            return None
-        needs.append(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                     + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
-    return max(needs) + metrics_bytes

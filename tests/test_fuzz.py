@@ -18,7 +18,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
-from jaxgrok import sweep as S, train
+from jaxgrok import memory, sweep as S
 from jaxgrok.cli import main
 
 from conftest import make_raw, write_raw
@@ -55,7 +55,7 @@ def test_every_key_with_every_kind_of_value(tmp_path):
             write_raw(path, raw)
             try:
                 sweep = S.load_sweep(path)
-                train.least_bytes_per_run(sweep.static)  # the size check before anything is built
+                memory.least_bytes_per_run(sweep.static)  # the size check before anything is built
                 n_ok += 1
             except S.SweepError as e:
                 try:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import make_raw
 
-from jaxgrok import engine, train
+from jaxgrok import engine, memory, train
 from jaxgrok.cli import main
 from jaxgrok.store import Store
 from jaxgrok.sweep import sweep_from_dict
@@ -21,8 +21,8 @@ def _curves(result):
 def _bytes_for(sweep, runs_per_device: int) -> int:
     """What XLA says a batch of `runs_per_device` runs on each of the 8 devices needs."""
     program = train.make_program(sweep.static)
-    init, chunk = engine._compile(program, 8 * runs_per_device)
-    return train.batch_bytes(init, chunk, engine._metrics_bytes(program, runs_per_device))
+    init, chunk = memory.compile_batch(program, 8 * runs_per_device)
+    return memory.batch_bytes(init, chunk, memory.metrics_bytes(program, runs_per_device))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_batches_are_sized_from_what_xla_says_the_program_needs(sweep, reference
     monkeypatch.setenv("JAXGROK_MEMORY_BUDGET", str(budget))
     program = train.make_program(sweep.static)
     # The analytic estimate is generous: alone it would put fewer runs in a batch.
-    assert train.runs_per_batch(sweep.static, program, 24, budget) < 16
+    assert memory.runs_per_batch(sweep.static, program, 24, budget) < 16
     result = engine.train_sweep(sweep)
     assert result.runs_per_batch == 16 and result.batch_bytes <= budget
     assert reference.runs_per_batch == 24
@@ -56,7 +56,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_nothing_is_lost(sweep, re
     """XLA's out-of-memory error cannot be provoked on a CPU: the compiled chunk is wrapped so that
     the second batch of 16 runs fails as it would on a GPU, after the first batch was written."""
     monkeypatch.setenv("JAXGROK_MEMORY_BUDGET", str(budget))
-    real_compile, sizes, calls = engine._compile, [], {"n": 0}
+    real_compile, sizes, calls = memory.compile_batch, [], {"n": 0}
 
     def compile_failing_at_16(program, per_batch):
         init, chunk = real_compile(program, per_batch)
@@ -71,7 +71,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_nothing_is_lost(sweep, re
         failing.memory_analysis = chunk.memory_analysis
         return init, failing
 
-    monkeypatch.setattr(engine, "_compile", compile_failing_at_16)
+    monkeypatch.setattr(memory, "compile_batch", compile_failing_at_16)
     store = Store(tmp_path / "out", sweep)
     result = engine.train_sweep(sweep, store=store)
     assert sizes[-2:] == [16, 8]  # sized at 16 per batch (after probing sizes), then halved once
@@ -84,7 +84,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_nothing_is_lost(sweep, re
 
 
 def test_an_error_that_is_not_out_of_memory_is_raised(sweep, monkeypatch):
-    real_compile = engine._compile
+    real_compile = memory.compile_batch
 
     def broken(program, per_batch):
         init, chunk = real_compile(program, per_batch)
@@ -95,7 +95,7 @@ def test_an_error_that_is_not_out_of_memory_is_raised(sweep, monkeypatch):
         failing.memory_analysis = chunk.memory_analysis
         return init, failing
 
-    monkeypatch.setattr(engine, "_compile", broken)
+    monkeypatch.setattr(memory, "compile_batch", broken)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         engine.train_sweep(sweep)
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgrok import engine, grokfast, train
+from jaxgrok import engine, optim, train
 
 ONE = jax.devices()[:1]
 
@@ -86,14 +86,14 @@ def test_grokfast_filter_is_the_reference_ema():
     """μ starts at the first gradient, then μ ← αμ + (1 − α)g; the optimizer gets g + λμ
     (ironjr/grokfast gradfilter_ema)."""
     alpha, lamb = 0.9, 2.0
-    tx = grokfast.ema(jnp.float32(alpha), jnp.float32(lamb))
+    tx = optim.grokfast_ema(jnp.float32(alpha), jnp.float32(lamb))
     grads = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
     state, mu = tx.init({"w": jnp.zeros(3)}), None
     for g in grads:
         out, state = tx.update({"w": jnp.asarray(g)}, state)
         mu = g if mu is None else alpha * mu + (1 - alpha) * g
         np.testing.assert_allclose(out["w"], g + lamb * mu, rtol=1e-6)
-    off = grokfast.ema(jnp.float32(alpha), jnp.float32(0.0))
+    off = optim.grokfast_ema(jnp.float32(alpha), jnp.float32(0.0))
     out, _ = off.update({"w": jnp.asarray(grads[0])}, off.init({"w": jnp.zeros(3)}))
     np.testing.assert_array_equal(out["w"], grads[0])
     assert isinstance(tx, optax.GradientTransformation)
@@ -109,7 +109,7 @@ def test_grokfast_off_is_plain_adamw():
 
     def train_(params, lamb, filtered):
         opt = optax.adamw(1e-2, b1=0.9, b2=0.98, weight_decay=1.0)
-        opt = optax.chain(grokfast.ema(jnp.float32(0.98), lamb), opt) if filtered else opt
+        opt = optax.chain(optim.grokfast_ema(jnp.float32(0.98), lamb), opt) if filtered else opt
         state = opt.init(params)
         for g in grads:
             updates, state = opt.update(g, state, params)

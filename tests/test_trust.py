@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_raw, write_raw
-from jaxgrok import cli, engine, lock, results
+from jaxgrok import cli, engine, results
+from jaxgrok.store import lock
 from jaxgrok.store import Interrupted, Store
 from jaxgrok.sweep import load_sweep
 
@@ -168,7 +169,7 @@ def test_a_second_run_into_a_held_directory_is_turned_away_naming_the_holder(tmp
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "out"
-    code = f"from jaxgrok import lock; import time\nwith lock.holding({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"
+    code = f"from jaxgrok.store import lock; import time\nwith lock.holding({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     with pytest.raises(lock.InUse, match=f"pid {proc.pid}"):
