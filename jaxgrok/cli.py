@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from jaxgrok.analyze import AnalysisError
+from jaxgrok.analysis import AnalysisError
 from jaxgrok.results import ResultsError
 from jaxgrok.sweep import SweepError, load_sweep
 
@@ -58,7 +58,7 @@ class _Display:
 
 
 def _summary(out: Path, result, n_done_before: int) -> str:
-    from jaxgrok.analyze import load_runs
+    from jaxgrok.analysis.cells import load_runs
 
     cols, _ = load_runs(out)
     n, censored = len(cols["run_id"]), cols["censored"]
@@ -295,10 +295,10 @@ def cmd_list(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from jaxgrok.analyze import analyze
+    from jaxgrok.analysis import analyze, write
 
     try:
-        written = analyze(args.results_dir, args.x, args.y)
+        written = write(analyze(args.results_dir, args.x, args.y), args.results_dir)
     except OSError as e:  # reading problems are ResultsErrors: this is a write
         raise AnalysisError(f"{e.filename or args.results_dir}: {e.strerror or e}; the analysis writes stats.parquet, "
                             "figures/ and report.html into the results directory") from None
@@ -307,7 +307,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from jaxgrok.compare import compare, format_comparison
+    from jaxgrok.analysis.compare import compare, format_comparison
 
     print(format_comparison(compare(args.a, args.b)))
     return 0
