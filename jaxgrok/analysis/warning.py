@@ -235,7 +235,57 @@ class EarlyWarning:
     ids: np.ndarray  # each run's cell
     uniq: np.ndarray  # each cell's key values
     tables: dict[str, pa.Table]  # events, lead_times, concordance
+    aligned: tuple  # aligned(): (cells shown, cells with a grokked run, {measure: [Band | None]})
     snapshots: Snapshots | None = None
+
+
+def _fill_gaps(values: np.ndarray) -> np.ndarray:
+    """Linear interpolation across the evaluations a measure skips (the LLC's cadence), inside each
+    run's first and last value only: for the aligned bands that are drawn, never for the tables."""
+    out = values.copy()
+    x = np.arange(values.shape[1])
+    for row in out:
+        ok = np.isfinite(row)
+        if 1 < ok.sum() < len(row):
+            inside = (x >= x[ok][0]) & (x <= x[ok][-1])
+            row[inside] = np.interp(x[inside], x[ok], row[ok])
+    return out
+
+
+@dataclass(frozen=True)
+class Band:
+    """One cell's median and interquartile range of a measure against step − t_val."""
+
+    n_runs: int  # the cell's grokked runs
+    offsets: np.ndarray  # step − t_val, where enough runs have a value
+    quartiles: np.ndarray  # [3, offsets]: the 25th, 50th and 75th percentiles there
+
+
+def aligned(present: dict, steps: np.ndarray, cols: dict, ids: np.ndarray, n_cells: int, max_cells: int = 6):
+    """Each measure aligned on each grokked run's t_val, per cell (the first `max_cells` cells with a
+    grokked run): a Band where an offset is reached by at least 3 runs (or a quarter of them, or
+    all), else None. Returns (those cells, how many cells have a grokked run, {measure: [Band]})."""
+    grokked = ~cols["censored"]
+    cells = [c for c in range(n_cells) if (grokked & (ids == c)).any()]
+    shown = cells[:max_cells]
+    every = steps[1] - steps[0] if len(steps) > 1 else 1
+    n = len(steps)
+    offsets = (np.arange(2 * n - 1) - (n - 1)) * every
+    bands = {}
+    for name, values in present.items():
+        bands[name] = []
+        for c in shown:
+            runs = np.nonzero(grokked & (ids == c))[0]
+            grid = np.full((len(runs), 2 * n - 1), np.nan)
+            shift = ((steps[None, :] - cols["t_val"][runs, None]) // every + (n - 1)).astype(int)
+            grid[np.arange(len(runs))[:, None], shift] = _fill_gaps(values[runs])
+            # Offsets reached by few runs (the longest waits) would draw noise as structure.
+            enough = np.isfinite(grid).sum(0) >= min(len(runs), max(3, len(runs) // 4))
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # all-NaN columns outside `enough` are not kept
+                q = np.nanpercentile(grid[:, enough], [25, 50, 75], axis=0)
+            bands[name].append(Band(len(runs), offsets[enough], q) if enough.any() else None)
+    return shown, len(cells), bands
 
 
 def early_warning(cols: dict, curves: pa.Table, resolved: dict, keys: list[str]) -> EarlyWarning:
@@ -254,7 +304,8 @@ def early_warning(cols: dict, curves: pa.Table, resolved: dict, keys: list[str])
         "lead_times": pa.Table.from_pylist(lead_rows, schema=pa.schema(fields).with_metadata(meta("lead_times"))),
         "concordance": pa.Table.from_pylist(conc_rows, schema=CONCORDANCE_SCHEMA.with_metadata(meta("concordance"))),
     }
-    return EarlyWarning(lead_rows, conc_rows, present, steps, ids, uniq, tables)
+    bands = aligned(present, steps, cols, ids, len(uniq)) if steps is not None else ([], 0, {})
+    return EarlyWarning(lead_rows, conc_rows, present, steps, ids, uniq, tables, bands)
 
 
 def snapshot_moments(resolved: dict, cols: dict, n_moments: int = 5) -> tuple[int, list[int], dict[int, str]] | None:

@@ -30,7 +30,8 @@ def draw(a: Analysis, folder: Path) -> dict[str, Path]:
         label_keys = [k for k in a.swept if k not in keys] + keys
         figs["accuracy_curves"] = figures.accuracy_curves(a.curves, cols, label_keys, folder, a.sweep["grokking"]["threshold"])
     if warn and warn.present and (~cols["censored"]).any():
-        figs["measures_aligned"] = warning.aligned_measures(warn.present, warn.steps, cols, warn.ids, warn.uniq, keys, folder)
+        shown, n_cells, bands = warn.aligned
+        figs["measures_aligned"] = warning.aligned_measures(warn.present, bands, shown, n_cells, warn.uniq, keys, folder)
     if any(r["init_noise"] is not None for r in a.sensitivity):
         figs["perturbation_map"] = figures.perturbation_map(a.sensitivity, folder)
     if warn and warn.snapshots:

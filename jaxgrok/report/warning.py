@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,48 +22,22 @@ MEASURE_LABELS = {  # measure -> its name on a figure; the order in which figure
 LOG_SCALED = frozenset({"restricted_loss", "excluded_loss"})  # drawn on a log axis where they span decades
 
 
-def _fill_gaps(values: np.ndarray) -> np.ndarray:
-    """Linear interpolation across the evaluations a measure skips (the LLC's cadence), inside each
-    run's first and last value only: for drawing, never for statistics."""
-    out = values.copy()
-    x = np.arange(values.shape[1])
-    for row in out:
-        ok = np.isfinite(row)
-        if 1 < ok.sum() < len(row):
-            inside = (x >= x[ok][0]) & (x <= x[ok][-1])
-            row[inside] = np.interp(x[inside], x[ok], row[ok])
-    return out
-
-
-def aligned_measures(present: dict, steps: np.ndarray, cols, ids, uniq, keys, folder: Path, max_cells: int = 6) -> Path:
+def aligned_measures(present: dict, bands: dict[str, list], shown: list[int], n_cells: int, uniq, keys,
+                     folder: Path) -> Path:
     """Each measure against step − t_val over the grokked runs: median and interquartile band per
-    cell (an offset is drawn where at least 3 runs have a value there)."""
+    cell (warning.aligned: `bands`, one per cell of `shown`, None where no offset has enough runs;
+    `n_cells` cells had a grokked run)."""
     names = [n for n in MEASURE_LABELS if n in present]
-    grokked = ~cols["censored"]
-    cells = [c for c in range(len(uniq)) if (grokked & (ids == c)).any()]
-    shown = cells[:max_cells]
     n_col = 3
     n_row = -(-len(names) // n_col)
     fig, axes = plt.subplots(n_row, n_col, figsize=(15, 3.3 * n_row), squeeze=False)
-    every = steps[1] - steps[0] if len(steps) > 1 else 1
-    n = len(steps)
-    offsets = (np.arange(2 * n - 1) - (n - 1)) * every
     for ax, name in zip(axes.flat, names):
-        for j, c in enumerate(shown):
-            runs = np.nonzero(grokked & (ids == c))[0]
-            grid = np.full((len(runs), 2 * n - 1), np.nan)
-            shift = ((steps[None, :] - cols["t_val"][runs, None]) // every + (n - 1)).astype(int)
-            grid[np.arange(len(runs))[:, None], shift] = _fill_gaps(present[name][runs])
-            # Offsets reached by few runs (the longest waits) would draw noise as structure.
-            enough = np.isfinite(grid).sum(0) >= min(len(runs), max(3, len(runs) // 4))
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # all-NaN columns outside `enough` are not drawn
-                q = np.nanpercentile(grid[:, enough], [25, 50, 75], axis=0)
-            if not enough.any():
+        for j, (c, band) in enumerate(zip(shown, bands[name])):
+            if band is None:
                 continue
-            label = cell_label({k: uniq[c][i] for i, k in enumerate(keys)}, keys) + f" ({len(runs)} runs)"
-            ax.plot(offsets[enough], q[1], color=f"C{j}", lw=1.3, label=label)
-            ax.fill_between(offsets[enough], q[0], q[2], color=f"C{j}", alpha=0.2, lw=0)
+            label = cell_label({k: uniq[c][i] for i, k in enumerate(keys)}, keys) + f" ({band.n_runs} runs)"
+            ax.plot(band.offsets, band.quartiles[1], color=f"C{j}", lw=1.3, label=label)
+            ax.fill_between(band.offsets, band.quartiles[0], band.quartiles[2], color=f"C{j}", alpha=0.2, lw=0)
         ax.axvline(0, color="k", lw=0.8, ls=":")
         finite = present[name][np.isfinite(present[name])]
         if name in LOG_SCALED and spans_decades(finite[finite > 0]):
@@ -76,7 +49,7 @@ def aligned_measures(present: dict, steps: np.ndarray, cols, ids, uniq, keys, fo
         ax.axis("off")
     if names:
         axes.flat[0].legend(fontsize=7)
-    more = f"; cells shown: the first {len(shown)} of {len(cells)}" if len(cells) > len(shown) else ""
+    more = f"; cells shown: the first {len(shown)} of {n_cells}" if n_cells > len(shown) else ""
     fig.suptitle(f"measures aligned on each run's grokking time (median and interquartile band over grokked runs{more})")
     fig.tight_layout()
     return save(fig, folder, "measures_aligned")
