@@ -127,11 +127,11 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
         if resolved.get("measures", {}).get("fourier"):
             warn = dataclasses.replace(warn, snapshots=_embedding_snapshots(resolved, cols))
     plot_axes = [a for a in (x, y) if a] or keys[:2]
+    plot_cells = rows if plot_axes == keys else cells.cell_stats(cols, plot_axes) if plot_axes else []  # others pooled
     rhos = [s["estimate"] for s in sens_rows if s["measure"] == "rank_correlation_t_val"]
     return Analysis(
         runs=cols, sweep=resolved, curves=curves, swept=swept, keys=keys, cells=rows, plot_axes=plot_axes,
-        plot_cells=rows if plot_axes == keys else cells.cell_stats(cols, plot_axes) if plot_axes else [],
-        sensitivity=sens_rows, rank_correlation=(np.median(rhos), len(rhos)) if rhos else None,
+        plot_cells=plot_cells, sensitivity=sens_rows, rank_correlation=(np.median(rhos), len(rhos)) if rhos else None,
         speedup=speedup, warning=warn, notes=tuple(notes + _not_reached(cols, rows, keys)), tables=tables)
 
 
