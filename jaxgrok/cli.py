@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxgrok.analyze import AnalysisError
+from jaxgrok.analysis import AnalysisError
 from jaxgrok.results import ResultsError
 from jaxgrok.sweep import SweepError, load_sweep
 
@@ -91,7 +91,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from jaxgrok.compare import compare, format_comparison
+    from jaxgrok.analysis.compare import compare, format_comparison
 
     print(format_comparison(compare(args.a, args.b)))
     return 0

@@ -143,10 +143,10 @@ def _announce(sweep, out: Path, index, n_done: int, shard: tuple[int, int], n_pr
 def analyze_dir(results_dir, x: str | None = None, y: str | None = None) -> int:
     """Statistics, figures and report.html for a results directory (`x`, `y`: the phase diagram's
     axes); says where the report is. A failed write is an AnalysisError of one line."""
-    from jaxgrok.analyze import AnalysisError, analyze
+    from jaxgrok.analysis import AnalysisError, analyze, write
 
     try:
-        written = analyze(results_dir, x, y)
+        written = write(analyze(results_dir, x, y), results_dir)
     except OSError as e:  # reading problems are ResultsErrors: this is a write
         raise AnalysisError(f"{e.filename or results_dir}: {e.strerror or e}; the analysis writes stats.parquet, "
                             "figures/ and report.html into the results directory") from None
@@ -196,7 +196,7 @@ class Display:
 
 
 def _summary(out: Path, result, n_done_before: int) -> str:
-    from jaxgrok.analyze import load_runs
+    from jaxgrok.analysis.cells import load_runs
 
     cols, _ = load_runs(out)
     n, censored = len(cols["run_id"]), cols["censored"]

@@ -9,15 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from jaxgrok import analyze, report
+from jaxgrok.analysis import cells
 from jaxgrok.cli import main
+from jaxgrok.report import figures
 
 
 def test_kaplan_meier_median_on_a_hand_computed_example():
     # Events at 2, 4, 6; two runs censored at 8. S(2)=4/5, S(4)=4/5·3/4=0.6, S(6)=0.6·2/3=0.4.
     t = np.array([2.0, 4, 6, 0, 0])
     observed = np.array([True, True, True, False, False])
-    s = analyze.survival(t, observed, np.full(5, 8.0))
+    s = cells.survival(t, observed, np.full(5, 8.0))
     assert s["median"] == 6 and s["q25"] == 4 and s["q10"] == 2
     assert s["q75"] is None and s["q90"] is None  # S never falls to 0.25
     assert s["restricted_mean"] == pytest.approx(2 * 1 + 2 * 0.8 + 2 * 0.6 + 2 * 0.4)
@@ -28,7 +29,7 @@ def test_median_not_reached_is_null_not_the_budget():
     # S: 6/7 at 3, ·5/6 at 5, ·3/4 at 8 = 0.536 > 0.5, then only censored runs.
     t = np.array([3.0, 5, 5, 8, 10, 10, 10])
     observed = np.array([True, True, False, True, False, False, False])
-    s = analyze.survival(t, observed, np.where(observed, 10.0, t))
+    s = cells.survival(t, observed, np.where(observed, 10.0, t))
     assert s["median"] is None and s["median_hi"] is None
     assert s["q10"] == 3
 
@@ -47,7 +48,7 @@ def _cols(t_val, seeds=None, wd=None, budget=1000):
 
 def test_all_censored_and_none_censored_cells():
     cols = _cols([np.nan] * 5 + [100, 300, 200, 500, 400], wd=[1] * 5 + [2] * 5)
-    censored, clean = analyze.cell_stats(cols, ["weight_decay"])
+    censored, clean = cells.cell_stats(cols, ["weight_decay"])
     assert censored["n_grokked"] == 0 and censored["t_val_median"] is None and censored["t_val_q10"] is None
     assert censored["frac_grokked_lo"] == 0 and censored["frac_grokked_hi"] == pytest.approx(1 - 0.025 ** (1 / 5))
     assert censored["t_val_restricted_mean"] == 1000  # nobody grokked within the budget
@@ -57,7 +58,7 @@ def test_all_censored_and_none_censored_cells():
 
 def test_exact_binomial_interval_is_clopper_pearson():
     cols = _cols([100, 200, 300] + [np.nan] * 4)
-    (row,) = analyze.cell_stats(cols, [])
+    (row,) = cells.cell_stats(cols, [])
     assert row["frac_grokked_lo"] == pytest.approx(stats.beta.ppf(0.025, 3, 5))
     assert row["frac_grokked_hi"] == pytest.approx(stats.beta.ppf(0.975, 4, 4))
 
@@ -68,7 +69,7 @@ def test_phase_diagram_on_a_synthetic_table(tmp_path):
             for w, l, p, m, f in zip(wd.ravel(), lr.ravel(),
                                      ["memorization", "grokking", "grokking", "comprehension", "confusion", "grokking"],
                                      [None, 2000.0, 800.0, 300.0, None, 5000.0], [0, 0.5, 1, 1, 0, 0.75])]
-    path = report.phase_diagram(rows, "weight_decay", "learning_rate", tmp_path)
+    path = figures.phase_diagram(rows, "weight_decay", "learning_rate", tmp_path)
     height, width, _ = matplotlib.image.imread(path).shape
     assert width > 1200 and 350 < height < 700
     assert (tmp_path / "phase_diagram.svg").exists()
@@ -128,15 +129,13 @@ def _synthetic(n_cells: int, censored_everywhere: bool = False, seeds: int = 4):
 
 @pytest.mark.parametrize("n_cells,all_censored", [(1, False), (3, False), (5, True), (50, False)])
 def test_figures_for_one_axis_all_censored_and_many_cells(tmp_path, n_cells, all_censored):
-    from jaxgrok import report
-
     cols = _synthetic(n_cells, all_censored)
-    rows = analyze.cell_stats(cols, ["weight_decay"])
+    rows = cells.cell_stats(cols, ["weight_decay"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no library warning reaches the user
-        one = report.along_one_axis(rows, "weight_decay", 1000.0, tmp_path)
-        surv = report.survival_curves(rows, ["weight_decay"], 1000.0, tmp_path)
-        dist = report.t_val_distribution(cols, ["weight_decay"], rows, tmp_path)
+        one = figures.along_one_axis(rows, "weight_decay", 1000.0, tmp_path)
+        surv = figures.survival_curves(rows, ["weight_decay"], 1000.0, tmp_path)
+        dist = figures.t_val_distribution(cols, ["weight_decay"], rows, tmp_path)
     assert one.exists() and surv.exists() and dist.exists()
     svg = (tmp_path / "survival.svg").read_text()
     shown = n_cells if n_cells <= 36 else 25  # beyond 36 panels: one cell in two
@@ -147,13 +146,13 @@ def test_figures_for_one_axis_all_censored_and_many_cells(tmp_path, n_cells, all
     assert "&gt;1000" in dist_svg  # censored runs are a bar of their own
     if all_censored:
         cols2 = {**cols, "learning_rate": np.tile([1e-3, 1e-2], len(cols["run_id"]) // 2)}
-        rows2 = analyze.cell_stats(cols2, ["weight_decay", "learning_rate"])
-        report.phase_diagram(rows2, "weight_decay", "learning_rate", tmp_path)
+        rows2 = cells.cell_stats(cols2, ["weight_decay", "learning_rate"])
+        figures.phase_diagram(rows2, "weight_decay", "learning_rate", tmp_path)
         assert "no cell" in (tmp_path / "phase_diagram.svg").read_text()
 
 
 def test_histogram_ticks_label_a_range_within_one_decade():
-    from jaxgrok.report import _round_ticks
+    from jaxgrok.report.figures import _round_ticks
 
     # 5,100 to 8,800 holds no 1-2-5 value: the axis would have had no labels at all.
     assert _round_ticks(5100, 8800) == [6000, 7000, 8000]

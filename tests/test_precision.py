@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxgrok import engine, results, train
-from jaxgrok.compare import compare, format_comparison
+from jaxgrok.analysis.compare import compare, format_comparison
 from jaxgrok.store import Store
 
 

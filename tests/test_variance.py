@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxgrok import variance
+from jaxgrok.analysis import variance
 
 TRUE = {"factor0": 0.09, "factor1": 0.04, "residual": 0.0625}  # seed, data_seed, residual (log units²)
 TOTAL = sum(TRUE.values())
@@ -110,7 +110,7 @@ def test_perturbation_map_finds_where_the_initialization_stops_mattering():
     """Simulated: below ε = 1e-3 a perturbed run keeps its base's grokking time (up to a little
     noise); from ε = 1e-1 its time is a fresh draw. The share among perturbations goes from ≈ 0 to
     ≈ 1 and the rank correlation with the unperturbed run from ≈ 1 to ≈ 0; censored runs stay in."""
-    from jaxgrok import analyze
+    from jaxgrok.analysis import sensitivity
 
     rng = np.random.default_rng(3)
     eps_values, bases, noises = [0.0, 1e-4, 1e-1, 1.0], 12, 8
@@ -125,7 +125,7 @@ def test_perturbation_map_finds_where_the_initialization_stops_mattering():
     e, b, k, t = (np.array(v) for v in zip(*rows))
     cols = _runs(t, budget=3000, init_noise=e, seed=b, noise_seed=k)
     assert 0.05 < cols["censored"].mean() < 0.4
-    out, notes = analyze.perturbation_map(cols, n_resamples=99)
+    out, notes = sensitivity.perturbation_map(cols, n_resamples=99)
     share = {r["init_noise"]: r for r in out if r["measure"] == "perturbation_share_log_t_val"}
     rho = {r["init_noise"]: r for r in out if r["measure"] == "rank_correlation_unperturbed"}
     assert set(share) == set(rho) == {1e-4, 1e-1, 1.0}
@@ -136,17 +136,17 @@ def test_perturbation_map_finds_where_the_initialization_stops_mattering():
 
 
 def test_random_factors_merge_seeds_that_vary_together():
-    from jaxgrok import analyze
+    from jaxgrok.analysis import sensitivity
 
     seed = np.repeat(np.arange(4), 3)
     cols = _runs(np.full(12, 100.0), seed=seed, data_seed=seed + 10, noise_seed=np.tile(np.arange(3), 4))
-    factors = analyze.random_factors(cols)
+    factors = sensitivity.random_factors(cols)
     assert list(factors) == ["seed and data_seed", "noise_seed"]
     assert "batch_seed" not in " ".join(factors)  # it follows the model seed: not a factor of its own
 
 
 def test_grokfast_speedup_is_a_ratio_of_kaplan_meier_medians():
-    from jaxgrok import analyze
+    from jaxgrok.analysis import cells, grokfast
 
     rng = np.random.default_rng(4)
     seeds = np.arange(40)
@@ -154,8 +154,8 @@ def test_grokfast_speedup_is_a_ratio_of_kaplan_meier_medians():
     t = np.concatenate([base, base / 2 * np.exp(rng.normal(0, 0.05, 40))])
     lam = np.repeat([0.0, 2.0], 40)
     cols = _runs(t, budget=2500, seed=np.tile(seeds, 2), grokfast_lambda=lam)
-    (row,) = analyze.grokfast_speedup(cols, ["grokfast_lambda"], n_resamples=199)
+    (row,) = grokfast.grokfast_speedup(cols, ["grokfast_lambda"], n_resamples=199)
     assert row["baseline_runs"] == row["n_runs"] == 40 and row["baseline_grokked"] < 40  # censored kept
-    expect = analyze.km_median(t[:40], t[:40] <= 2500, np.full(40, 2500.0)) / np.median(t[40:])
+    expect = cells.km_median(t[:40], t[:40] <= 2500, np.full(40, 2500.0)) / np.median(t[40:])
     assert row["speedup"] == pytest.approx(expect, rel=0.05)
     assert row["speedup_lo"] < 2.0 < row["speedup_hi"] and row["speedup_lo"] > 1.5

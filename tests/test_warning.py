@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from jaxgrok import warning
+from jaxgrok.analysis import warning
 from jaxgrok.cli import main
 
 STEPS = np.arange(1, 11) * 100.0

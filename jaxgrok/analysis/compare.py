@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from jaxgrok.analyze import load_runs, survival
-from jaxgrok.sweep import differences
+from jaxgrok.analysis.cells import load_runs, survival
+from jaxgrok.sweep import AXES, differences
 
 
 def _times(cols: dict, event: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -33,8 +33,6 @@ def paired(a: dict, b: dict) -> dict | None:
     each run grok at the same time in B as in A? The sign test over the runs whose order is known
     (a censored run grokked after any grokked one; two censored runs tell nothing), Spearman ρ
     (censored runs rank last), and the median ratio t_val B / A over runs grokked in both."""
-    from jaxgrok.sweep import AXES
-
     key = lambda cols: {tuple(cols[ax][i].item() for ax in AXES): i for i in range(len(cols["run_id"]))}
     ka, kb = key(a), key(b)
     if ka.keys() != kb.keys() or len(np.unique(np.concatenate([a["steps"], b["steps"]]))) != 1:
@@ -81,6 +79,7 @@ def _fmt(x) -> str:
 
 
 def format_comparison(c: dict) -> str:
+    """compare()'s result as the lines `jaxgrok compare` prints."""
     lines = [f"A = {c['a']}", f"B = {c['b']}"]
     if c["differences"]:
         lines.append("differ in: " + "; ".join(f"{k} = {va!r} (A) vs {vb!r} (B)" for k, (va, vb) in c["differences"].items()))
@@ -102,5 +101,3 @@ def format_comparison(c: dict) -> str:
                      + (f"; Spearman ρ = {p['spearman']:.2f}" if p["spearman"] is not None else "")
                      + (f"; median t_val ratio B/A {p['median_ratio']:.3f}" if p["median_ratio"] is not None else ""))
     return "\n".join(lines)
-
-

@@ -20,21 +20,37 @@ that hyperparameters do not pass for the measure's foresight. Intervals: percent
 
 from __future__ import annotations
 
+import enum
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 from scipy import stats
 
-EVENTS = {  # the rule of each measure's event, in a few words (the module docstring says it whole)
-    "weight_norm": "peak",
-    "llc": "peak",
-    "fourier_gini": "half-way, first → last",
-    "circularity": "half-way, first → last",
-    "excluded_loss": "half-way up from t_train",
+from jaxgrok import results
+from jaxgrok.analysis.cells import cell_ids, key_fields, survival
+from jaxgrok.tasks import MODULAR_OPS
+
+
+class Rule(enum.Enum):
+    """How a measure's event is found; the value is the rule in a few words, as events.parquet and
+    lead_times.parquet name it (the module docstring says it whole)."""
+
+    PEAK = "peak"
+    HALF_WAY = "half-way, first → last"
+    HALF_WAY_UP_FROM_T_TRAIN = "half-way up from t_train"
+
+
+EVENTS = {  # measure -> the rule of its event
+    "weight_norm": Rule.PEAK,
+    "llc": Rule.PEAK,
+    "fourier_gini": Rule.HALF_WAY,
+    "circularity": Rule.HALF_WAY,
+    "excluded_loss": Rule.HALF_WAY_UP_FROM_T_TRAIN,
 }
 PREDICTORS = ("weight_norm", "dist_from_init", "fourier_gini", "top_freq_share", "n_key_freqs", "circularity",
-              "restricted_loss", "excluded_loss", "llc")
+              "restricted_loss", "excluded_loss", "llc")  # the measures ranked by their value at a landmark
 BASELINE = "weight_norm"
 
 
@@ -61,16 +77,17 @@ def events(name: str, values: np.ndarray, steps: np.ndarray, t_train: np.ndarray
     """The event step of each run (NaN where there is none), by the rule in EVENTS."""
     finite = np.isfinite(values)
     has = finite.any(1)
-    if EVENTS[name] == "peak":
+    if EVENTS[name] is Rule.PEAK:
         peak = np.nanargmax(np.where(finite, values, -np.inf), 1)
         return np.where(has, steps[peak], np.nan)
-    if EVENTS[name] == "half-way up from t_train":
+    if EVENTS[name] is Rule.HALF_WAY_UP_FROM_T_TRAIN:
         after = steps[None, :] >= t_train[:, None]  # NaN t_train: never
         at_t_train = np.nanmax(np.where(steps[None, :] == t_train[:, None], values, np.nan), 1, initial=-np.inf)
         peak = np.nanmax(np.where(after & finite, values, -np.inf), 1)
         level = at_t_train + 0.5 * (peak - at_t_train)
         ok = np.isfinite(level) & (peak > at_t_train)
         return np.where(ok, _first(after & (values >= level[:, None]), steps), np.nan)
+    # Rule.HALF_WAY: half-way from the first finite value to the last, whichever way it goes.
     idx = np.arange(values.shape[1])
     first_i = np.where(finite, idx, values.shape[1]).min(1)
     last_i = np.where(finite, idx, -1).max(1)
@@ -124,7 +141,7 @@ def _at(values: np.ndarray, steps: np.ndarray, moment: np.ndarray) -> np.ndarray
 def analyse(cols: dict, curves: pa.Table, cell: np.ndarray, k: int = 10, n_resamples: int = 999, seed: int = 0):
     """Events, lead times and landmark concordance for every measure curves.parquet holds.
 
-    `cols`: runs.parquet columns (analyze.load_runs); `cell`: each run's cell id. Returns
+    `cols`: runs.parquet columns (cells.load_runs); `cell`: each run's cell id. Returns
     (events rows, concordance rows, {measure: values[runs, evals]}, steps)."""
     run_ids = cols["run_id"]
     t_train, t_val = cols["t_train"], cols["t_val"]
@@ -143,7 +160,7 @@ def analyse(cols: dict, curves: pa.Table, cell: np.ndarray, k: int = 10, n_resam
         ev = events(name, values, steps, t_train)
         lead = np.where(grokked, t_val - ev, budget - ev)
         for i in np.nonzero(np.isfinite(ev))[0]:
-            event_rows.append({"run_id": int(run_ids[i]), "measure": name, "event": EVENTS[name],
+            event_rows.append({"run_id": int(run_ids[i]), "measure": name, "event": EVENTS[name].value,
                                "event_step": int(ev[i]), "lead_time": int(lead[i]), "censored": bool(~grokked[i])})
 
     eval_every = int(steps[1] - steps[0]) if steps is not None and len(steps) > 1 else 0
@@ -168,8 +185,6 @@ def analyse(cols: dict, curves: pa.Table, cell: np.ndarray, k: int = 10, n_resam
 def lead_time_stats(event_rows: list[dict], cols: dict, keys: list[str], ids: np.ndarray, uniq: np.ndarray) -> list[dict]:
     """Per cell and measure: Kaplan–Meier median lead time (95% interval) and quartiles, with
     the runs that did not grok censored at budget − event."""
-    from jaxgrok.analyze import survival
-
     position = {int(r): i for i, r in enumerate(cols["run_id"])}
     out = []
     for name in dict.fromkeys(r["measure"] for r in event_rows):
@@ -181,7 +196,7 @@ def lead_time_stats(event_rows: list[dict], cols: dict, keys: list[str], ids: np
             m = ids[at] == c
             if not m.any():
                 continue
-            row = {"measure": name, "event": EVENTS[name]}
+            row = {"measure": name, "event": EVENTS[name].value}
             row |= {key: uniq[c][i].item() for i, key in enumerate(keys)}
             row |= {"n_runs": int(m.sum()), "n_grokked": int(observed[m].sum())}
             s = survival(lead[m], observed[m], lead[m]) if observed[m].any() else None
@@ -198,28 +213,125 @@ CONCORDANCE_SCHEMA = pa.schema([("measure", pa.string()), ("moment", pa.string()
                                 ("n_pairs", pa.int64()), ("baseline", pa.bool_())])
 
 
-def embedding_snapshots(resolved: dict, cols: dict, n_moments: int = 5):
-    """The embedding of one typical grokked run (median t_val of the grokked runs) at a few
-    moments: initialization, t_train, half-way to t_val, t_val, and 2·t_val (within the budget),
-    retrained from the sweep in the metadata. Returns (run_id, {step: embedding[p, D]}, {step: what
-    the moment is}), or None when no run grokked or the task has no residues."""
-    from jaxgrok import engine, models, tasks
-    from jaxgrok.sweep import sweep_from_dict
+@dataclass(frozen=True)
+class Snapshots:
+    """One run's embedding at a few moments, and the plane its residues form a circle on."""
 
+    run_id: int
+    embeddings: dict[int, np.ndarray]  # step -> embedding[p, D]
+    labels: dict[int, str]  # step -> what the moment is
+    frequency: int  # the final top frequency k, counted from 0 (k = frequency + 1)
+    plane: np.ndarray  # [D, 2]: orthonormal, spanned by that frequency's cos and sin components
+
+
+@dataclass(frozen=True)
+class EarlyWarning:
+    """The early-warning analysis: rows for the report, curves for the figures, Parquet tables."""
+
+    lead_times: list[dict]
+    concordance: list[dict]
+    present: dict[str, np.ndarray]  # measure -> values[runs, evals], the measures with a finite value
+    steps: np.ndarray  # the evaluation steps
+    ids: np.ndarray  # each run's cell
+    uniq: np.ndarray  # each cell's key values
+    tables: dict[str, pa.Table]  # events, lead_times, concordance
+    aligned: tuple  # aligned(): (cells shown, cells with a grokked run, {measure: [Band | None]})
+    snapshots: Snapshots | None = None
+
+
+def _fill_gaps(values: np.ndarray) -> np.ndarray:
+    """Linear interpolation across the evaluations a measure skips (the LLC's cadence), inside each
+    run's first and last value only: for the aligned bands that are drawn, never for the tables."""
+    out = values.copy()
+    x = np.arange(values.shape[1])
+    for row in out:
+        ok = np.isfinite(row)
+        if 1 < ok.sum() < len(row):
+            inside = (x >= x[ok][0]) & (x <= x[ok][-1])
+            row[inside] = np.interp(x[inside], x[ok], row[ok])
+    return out
+
+
+@dataclass(frozen=True)
+class Band:
+    """One cell's median and interquartile range of a measure against step − t_val."""
+
+    n_runs: int  # the cell's grokked runs
+    offsets: np.ndarray  # step − t_val, where enough runs have a value
+    quartiles: np.ndarray  # [3, offsets]: the 25th, 50th and 75th percentiles there
+
+
+def aligned(present: dict, steps: np.ndarray, cols: dict, ids: np.ndarray, n_cells: int, max_cells: int = 6):
+    """Each measure aligned on each grokked run's t_val, per cell (the first `max_cells` cells with a
+    grokked run): a Band where an offset is reached by at least 3 runs (or a quarter of them, or
+    all), else None. Returns (those cells, how many cells have a grokked run, {measure: [Band]})."""
+    grokked = ~cols["censored"]
+    cells = [c for c in range(n_cells) if (grokked & (ids == c)).any()]
+    shown = cells[:max_cells]
+    every = steps[1] - steps[0] if len(steps) > 1 else 1
+    n = len(steps)
+    offsets = (np.arange(2 * n - 1) - (n - 1)) * every
+    bands = {}
+    for name, values in present.items():
+        bands[name] = []
+        for c in shown:
+            runs = np.nonzero(grokked & (ids == c))[0]
+            grid = np.full((len(runs), 2 * n - 1), np.nan)
+            shift = ((steps[None, :] - cols["t_val"][runs, None]) // every + (n - 1)).astype(int)
+            grid[np.arange(len(runs))[:, None], shift] = _fill_gaps(values[runs])
+            # Offsets reached by few runs (the longest waits) would draw noise as structure.
+            enough = np.isfinite(grid).sum(0) >= min(len(runs), max(3, len(runs) // 4))
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # all-NaN columns outside `enough` are not kept
+                q = np.nanpercentile(grid[:, enough], [25, 50, 75], axis=0)
+            bands[name].append(Band(len(runs), offsets[enough], q) if enough.any() else None)
+    return shown, len(cells), bands
+
+
+def early_warning(cols: dict, curves: pa.Table, resolved: dict, keys: list[str]) -> EarlyWarning:
+    """Events (per run and measure), lead times (per cell and measure) and concordance (per measure
+    and moment), as rows and as the tables events, lead_times and concordance; no snapshots."""
+    ids, uniq = cell_ids(cols, keys)
+    event_rows, conc_rows, present, steps = analyse(cols, curves, ids)
+    lead_rows = lead_time_stats(event_rows, cols, keys, ids, uniq)
+    fields = [pa.field("measure", pa.string()), pa.field("event", pa.string())]
+    fields += key_fields(keys)
+    fields += [pa.field("n_runs", pa.int64()), pa.field("n_grokked", pa.int64())]
+    fields += [pa.field(f"lead_{s}", pa.float64()) for s in ("median", "median_lo", "median_hi", "q25", "q75")]
+    meta = lambda kind: results.metadata(kind, resolved)  # noqa: E731
+    tables = {
+        "events": pa.Table.from_pylist(event_rows, schema=EVENTS_SCHEMA.with_metadata(meta("events"))),
+        "lead_times": pa.Table.from_pylist(lead_rows, schema=pa.schema(fields).with_metadata(meta("lead_times"))),
+        "concordance": pa.Table.from_pylist(conc_rows, schema=CONCORDANCE_SCHEMA.with_metadata(meta("concordance"))),
+    }
+    bands = aligned(present, steps, cols, ids, len(uniq)) if steps is not None else ([], 0, {})
+    return EarlyWarning(lead_rows, conc_rows, present, steps, ids, uniq, tables, bands)
+
+
+def snapshot_moments(resolved: dict, cols: dict, n_moments: int = 5) -> tuple[int, list[int], dict[int, str]] | None:
+    """Which run and which moments to show the embedding of: one typical grokked run (median t_val of
+    the grokked runs) at initialization, t_train, half-way to t_val, t_val, and 2·t_val (within the
+    budget). Returns (run_id, steps, {step: what the moment is}), or None when no run grokked or the
+    task has no residues."""
     grokked = np.nonzero(~cols["censored"] & np.isfinite(cols["t_train"]))[0]
-    if not len(grokked) or resolved["task"]["op"] not in tasks.MODULAR_OPS:
-        return None
-    sweep = sweep_from_dict(resolved, "<metadata>")
-    table = tasks.make_table(sweep.static.task)
-    model = models.build(sweep.static.model, table.n_symbols, table.n_classes)
-    if model.embedding is None:  # a registered model may have none
+    if not len(grokked) or resolved["task"]["op"] not in MODULAR_OPS:
         return None
     t_val = cols["t_val"][grokked]
     i = grokked[np.argsort(t_val, kind="stable")[len(t_val) // 2]]
-    every = sweep.static.train.eval_every
+    every = resolved["train"]["eval_every"]
     t_train, t_v, budget = int(cols["t_train"][i]), int(cols["t_val"][i]), int(cols["steps"][i])
     half = (t_train + t_v) // 2 // every * every
     labels = {min(budget, 2 * t_v): "2·t_val", t_v: "t_val", half: "half-way", t_train: "t_train", 0: "init"}
-    moments = sorted(labels)[:n_moments]
-    params = engine.params_at(sweep, int(cols["run_id"][i]), moments)
-    return int(cols["run_id"][i]), {s: np.asarray(model.embedding(p)) for s, p in params.items()}, labels
+    return int(cols["run_id"][i]), sorted(labels)[:n_moments], labels
+
+
+def snapshots(run_id: int, embeddings: dict[int, np.ndarray], labels: dict[int, str]) -> Snapshots:
+    """The snapshots with the plane of the last embedding's top frequency (measures.fourier)."""
+    from jaxgrok.measures import fourier  # jax: imported only where there are snapshots
+
+    last = embeddings[max(embeddings)]
+    p = last.shape[0]
+    coef = np.asarray(fourier.coefficients(last - last.mean(0), fourier.basis(p)))
+    k = int(((coef**2).sum((1, 2))).argmax())
+    plane = np.linalg.qr(coef[k].T)[0]
+    return Snapshots(run_id, embeddings, labels, k, plane)
