@@ -312,7 +312,8 @@ def _collect(ctx: _Context, tally: _Tally, batch: _Batch, n_batches: int, e0: in
     tally.trained_here += len(batch.rows) * n * cfg.eval_every
     if ctx.on_chunk:
         thr = ctx.sweep.static.grokking.threshold
-        counts = [grokking.progress_counts(c_[..., 1], c_[..., 3], thr)
+        acc = train.METRICS.index("train_acc"), train.METRICS.index("val_acc")
+        counts = [grokking.progress_counts(c_[..., acc[0]], c_[..., acc[1]], thr)
                   for c_ in tally.curves + [batch.curves[batch.mine, :e0 + n]]]
         steps_done = tally.finished * cfg.steps + len(batch.rows) * (e0 + n) * cfg.eval_every
         ctx.on_chunk(Progress(steps_done, tally.total, sum(m for m, _ in counts), sum(g for _, g in counts),

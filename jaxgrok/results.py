@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jaxgrok import measures
 from jaxgrok.grokking import PHASES
 from jaxgrok.sweep import AXES
 
@@ -52,26 +53,11 @@ RUNS_SCHEMA = pa.schema([
     ("key_freqs", pa.list_(pa.int32())),  # null: Fourier measures off or not applicable
 ])
 
-CURVES_SCHEMA = pa.schema([
-    ("run_id", pa.int32()),
-    ("step", pa.int64()),
-    ("train_loss", pa.float32()),
-    ("train_acc", pa.float32()),
-    ("val_loss", pa.float32()),
-    ("val_acc", pa.float32()),
-    ("weight_norm", pa.float32()),
-    # Progress measures (jaxgrok/measures); null where off, not applicable, or not evaluated then.
-    ("dist_from_init", pa.float32()),
-    ("fourier_gini", pa.float32()),
-    ("n_key_freqs", pa.int32()),
-    ("top_freq_share", pa.float32()),
-    ("circularity", pa.float32()),
-    ("restricted_loss", pa.float32()),
-    ("excluded_loss", pa.float32()),
-    ("llc", pa.float32()),
-    ("llc_std", pa.float32()),
-])
-MEASURE_COLUMNS = CURVES_SCHEMA.names[7:]
+# One row per run and evaluation; the columns after the step are declared in jaxgrok/measures (the
+# progress measures null where off, not applicable, or not evaluated then).
+CURVES_SCHEMA = pa.schema([("run_id", pa.int32()), ("step", pa.int64())] + [
+    (col.name, pa.int32() if col.integer else pa.float32()) for col in measures.TRAINING + measures.MEASURE_COLUMNS])
+MEASURE_COLUMNS = measures.COLUMNS
 
 KIND_KEY = b"jaxgrok.kind"
 PAIR_KEY = b"jaxgrok.pair"  # the same in the runs.parquet and curves.parquet of one merge

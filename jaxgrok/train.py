@@ -24,8 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxgrok import measures, models, optim, tasks
 from jaxgrok.sweep import SEED_AXES, Static, Sweep
 
-CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")
-METRICS = CURVES + measures.COLUMNS  # one row of a chunk's metrics per evaluation
+CURVES, METRICS = measures.CURVES, measures.METRICS  # one row of a chunk's metrics per evaluation
 TRACES: collections.Counter = collections.Counter()  # trace counts, for the no-recompile test
 
 

@@ -20,7 +20,6 @@ that hyperparameters do not pass for the measure's foresight. Intervals: percent
 
 from __future__ import annotations
 
-import enum
 import warnings
 from dataclasses import dataclass
 
@@ -28,29 +27,15 @@ import numpy as np
 import pyarrow as pa
 from scipy import stats
 
-from jaxgrok import results
+from jaxgrok import measures, results
+from jaxgrok.measures import Rule
 from jaxgrok.analysis.cells import cell_ids, key_fields, survival
 from jaxgrok.tasks import MODULAR_OPS
 
 
-class Rule(enum.Enum):
-    """How a measure's event is found; the value is the rule in a few words, as events.parquet and
-    lead_times.parquet name it (the module docstring says it whole)."""
-
-    PEAK = "peak"
-    HALF_WAY = "half-way, first → last"
-    HALF_WAY_UP_FROM_T_TRAIN = "half-way up from t_train"
-
-
-EVENTS = {  # measure -> the rule of its event
-    "weight_norm": Rule.PEAK,
-    "llc": Rule.PEAK,
-    "fourier_gini": Rule.HALF_WAY,
-    "circularity": Rule.HALF_WAY,
-    "excluded_loss": Rule.HALF_WAY_UP_FROM_T_TRAIN,
-}
-PREDICTORS = ("weight_norm", "dist_from_init", "fourier_gini", "top_freq_share", "n_key_freqs", "circularity",
-              "restricted_loss", "excluded_loss", "llc")  # the measures ranked by their value at a landmark
+# The event rule of each measure and the measures ranked at a landmark: declared with the measures.
+EVENTS = measures.EVENTS
+PREDICTORS = measures.PROGRESS
 BASELINE = "weight_norm"
 
 

@@ -1,28 +1,62 @@
 """Progress measures, computed for every run at every evaluation inside the compiled program.
 
-Each measure is a pure function of a run's parameters (and the task's table) with a docstring that
-names its paper; `build` turns a sweep's `[measures]` table into one function that train.py calls in
-its evaluation. Adding a measure: a function in one of these modules, its columns in COLUMNS, and one
-line in `build`. A measure that is off, or that does not apply to the task, yields NaN (null in
-curves.parquet); so does the LLC between its estimates.
+Every column of curves.parquet is declared once, in this module: the training curves (`TRAINING`)
+and the progress measures (`MEASURES`). A measure is one entry: the `[measures]` switch that turns it
+on, the columns it fills (name, Parquet type, label on a figure, early-warning event rule), the pure
+function that computes them (its docstring names its paper), what it needs of the task, and its
+cadence. The compiled program (train.py), the curves schema (results.py), early warning
+(analysis/warning.py) and the figures (report/) all read these tables; nothing is read by position.
+Adding a measure: its function (in fourier.py, geometry.py, llc.py or a module of its own) and one
+entry in MEASURES. A measure that is off, that does not apply to the task, or that is not due at an
+evaluation yields NaN (null in curves.parquet).
+
+The tables load without JAX (the analysis and the report read them and never start it): the
+functions that compute import their modules when the program is built.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxgrok.measures import fourier, geometry, llc
-
-# Columns of curves.parquet, in this order; n_key_freqs is an integer column there.
-COLUMNS = ("dist_from_init", "fourier_gini", "n_key_freqs", "top_freq_share", "circularity",
-           "restricted_loss", "excluded_loss", "llc", "llc_std")
+if TYPE_CHECKING:
+    import jax
 
 
-class Inputs(NamedTuple):
+class Rule(enum.Enum):
+    """How early warning finds a measure's event; the value is the rule in a few words, as
+    events.parquet and lead_times.parquet name it (analysis/warning.py says it whole)."""
+
+    PEAK = "peak"
+    HALF_WAY = "half-way, first → last"
+    HALF_WAY_UP_FROM_T_TRAIN = "half-way up from t_train"
+
+
+class Needs(enum.Flag):
+    """What a measure needs of the task and the model, beyond the parameters and the logits."""
+
+    NOTHING = 0
+    RESIDUES = enum.auto()  # a modular task (residues 0..p-1) and a model with an embedding of them
+    SUM_TASK = enum.auto()  # an answer that is the residue a ± b (x+y, x-y)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of curves.parquet."""
+
+    name: str
+    label: str | None  # its name on a figure; None: not drawn, not ranked (a spread, a count of a count)
+    integer: bool = False  # int32 in curves.parquet (float32 otherwise; float32 in the program either way)
+    event: Rule | None = None  # how early warning finds when it moves; None: no event
+    log_scaled: bool = False  # drawn on a log axis where its values span decades
+    progress: bool = True  # a progress measure early warning ranks runs by (not the raw accuracies)
+
+
+class Eval(NamedTuple):
     """What a measure may read about one run at one evaluation."""
 
     params: dict
@@ -35,55 +69,162 @@ class Inputs(NamedTuple):
     eval_index: jax.Array  # unbatched int32: the evaluation's number in the run (0 = first)
 
 
+Inputs = Eval  # the name train.py passes them under
+
+
+class Context(NamedTuple):
+    """What the measures of one sweep share: its [measures] table, the task's residue basis and
+    targets, the training loss, and, at each evaluation, the embedding and its spectrum."""
+
+    cfg: object  # the sweep's MeasuresConfig
+    basis: jax.Array | None  # the Fourier basis over the residues (None: no measure needs it)
+    targets: jax.Array
+    loss: Callable  # (logits, targets) -> per-example loss
+    vectorize: bool  # runs vmapped (then the LLC's chains are too)
+    embedding: jax.Array | None = None
+    energy: jax.Array | None = None
+
+
+def _dist_from_init(x: Eval, c: Context):
+    from jaxgrok.measures import geometry
+
+    return (geometry.dist_from_init(x.params, x.params0),)
+
+
+def _spectrum(x: Eval, c: Context):
+    from jaxgrok.measures import fourier
+
+    return fourier.spectrum_measures(c.energy, c.cfg.key_freq_share)
+
+
+def _circularity(x: Eval, c: Context):
+    from jaxgrok.measures import geometry
+
+    return (geometry.circularity(c.embedding, c.basis),)
+
+
+def _restricted(x: Eval, c: Context):
+    import jax
+
+    from jaxgrok.measures import fourier
+
+    k = min(c.cfg.restricted_freqs, c.energy.shape[0])
+    key_idx = jax.lax.top_k(c.energy, k)[1]
+    return fourier.restricted_losses(x.logits, c.targets, x.is_train, key_idx, c.basis, c.loss)
+
+
+def _llc(x: Eval, c: Context):
+    from jaxgrok.measures import llc
+
+    m = c.cfg
+    return llc.estimate(x.batch_loss, x.params, x.train_loss, x.key, epsilon=m.llc_epsilon, gamma=m.llc_gamma,
+                        nbeta=m.llc_nbeta, chains=m.llc_chains, draws=m.llc_draws, burn_in=m.llc_burn_in,
+                        vectorize=c.vectorize)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One progress measure: `compute(eval, context)` returns one value per column."""
+
+    switch: str  # its [measures] key
+    columns: tuple[Column, ...]
+    compute: Callable[[Eval, Context], tuple]
+    needs: Needs = Needs.NOTHING
+    every: str | None = None  # the [measures] key of its cadence in evaluations (None: every evaluation)
+
+
+# The columns of every run's training curves, in curves.parquet's order.
+TRAINING = (
+    Column("train_loss", "training loss", progress=False),
+    Column("train_acc", "training accuracy", progress=False),
+    Column("val_loss", "validation loss", progress=False),
+    Column("val_acc", "validation accuracy", progress=False),
+    Column("weight_norm", "weight norm ‖θ‖", event=Rule.PEAK),  # Omnigrok: rises, then falls
+)
+
+# The progress measures, in curves.parquet's order.
+MEASURES = (
+    Measure("dist_from_init", (Column("dist_from_init", "‖θ − θ₀‖"),),
+            _dist_from_init),
+    Measure("fourier", (Column("fourier_gini", "Fourier Gini", event=Rule.HALF_WAY),
+                        Column("n_key_freqs", "key frequencies", integer=True),
+                        Column("top_freq_share", "top frequency's share")),
+            _spectrum, needs=Needs.RESIDUES),
+    Measure("circularity", (Column("circularity", "circularity", event=Rule.HALF_WAY),),
+            _circularity, needs=Needs.RESIDUES),
+    Measure("restricted_loss", (Column("restricted_loss", "restricted loss", log_scaled=True),
+                                Column("excluded_loss", "excluded loss", event=Rule.HALF_WAY_UP_FROM_T_TRAIN,
+                                       log_scaled=True)),
+            _restricted, needs=Needs.RESIDUES | Needs.SUM_TASK),
+    Measure("llc", (Column("llc", "LLC (SGLD)", event=Rule.PEAK), Column("llc_std", None, progress=False)),
+            _llc, every="llc_every"),
+)
+
+MEASURE_COLUMNS = tuple(col for m in MEASURES for col in m.columns)
+COLUMNS = tuple(col.name for col in MEASURE_COLUMNS)  # the measures' columns of curves.parquet
+CURVES = tuple(col.name for col in TRAINING)  # the training curves' columns
+METRICS = CURVES + COLUMNS  # one row of a chunk's metrics per evaluation, in this order
+BY_NAME = {col.name: col for col in TRAINING + MEASURE_COLUMNS}
+PROGRESS = tuple(col.name for col in TRAINING + MEASURE_COLUMNS if col.progress)  # ranked by early warning
+EVENTS = {col.name: col.event for col in TRAINING + MEASURE_COLUMNS if col.event}
+LABELS = {col.name: col.label for col in TRAINING + MEASURE_COLUMNS if col.label and col.progress}  # drawn
+
+
 def n_frequencies(static, n_symbols: int) -> int:
-    """K, the length of the spectrum a run carries (0 when the Fourier measures are off)."""
-    m = static.measures
-    return n_symbols // 2 if (m.fourier or m.circularity or m.restricted_loss) else 0
+    """K, the length of the spectrum a run carries (0 when no measure that needs the residues is on)."""
+    on = any(getattr(static.measures, m.switch) for m in MEASURES if m.needs & Needs.RESIDUES)
+    return n_symbols // 2 if on else 0
+
+
+def _due(eval_index, every: int):
+    """The first evaluation, then every `every`-th."""
+    return (eval_index == 0) | ((eval_index + 1) % every == 0)
+
+
+def _at_cadence(measure: Measure, every: int, x: Eval, c: Context):
+    # A real branch: eval_index is the same for every run (not batched), so the evaluations that
+    # are not due skip the computation. NaN shaped like a per-run value (inside shard_map it must
+    # vary over runs too).
+    import jax
+    import jax.numpy as jnp
+
+    nan = tuple(jnp.full_like(x.train_loss, jnp.nan) for _ in measure.columns)
+    return jax.lax.cond(_due(x.eval_index, every), lambda: tuple(measure.compute(x, c)), lambda: nan)
 
 
 def build(static, model, table, loss: Callable, vectorize: bool = True) -> Callable:
-    """`measure(inputs) -> (float32[len(COLUMNS)], energies float32[K])` for a sweep's static config.
+    """`measure(eval) -> (float32[len(COLUMNS)], energies float32[K])` for a sweep's static config.
     `loss(logits, targets) -> per-example loss` is the sweep's training loss; `vectorize`: whether
     the runs are vmapped (then the LLC's chains are too)."""
-    m = static.measures
+    import jax.numpy as jnp
+
+    from jaxgrok.measures import fourier
+
+    cfg = static.measures
+    on = [m for m in MEASURES if getattr(cfg, m.switch)]
     K = n_frequencies(static, table.n_symbols)
-    basis = jnp.asarray(fourier.basis(table.n_symbols)) if K else None
-    targets = jnp.asarray(table.targets)
+    ctx = Context(cfg, jnp.asarray(fourier.basis(table.n_symbols)) if K else None, jnp.asarray(table.targets),
+                  loss, vectorize)
     nan = jnp.float32(jnp.nan)
 
-    def measure(x: Inputs):
+    def measure(x: Eval):
         out = dict.fromkeys(COLUMNS, nan)
         energy = jnp.zeros(0, jnp.float32)
-        if m.dist_from_init:
-            out["dist_from_init"] = geometry.dist_from_init(x.params, x.params0)
+        c = ctx
         if K:
             emb = model.embedding(x.params)
-            energy = fourier.energies(emb, basis)
-        if m.fourier:
-            out["fourier_gini"], out["n_key_freqs"], out["top_freq_share"] = fourier.spectrum_measures(
-                energy, m.key_freq_share)
-        if m.circularity:
-            out["circularity"] = geometry.circularity(emb, basis)
-        if m.restricted_loss:
-            key_idx = jax.lax.top_k(energy, min(m.restricted_freqs, K))[1]
-            out["restricted_loss"], out["excluded_loss"] = fourier.restricted_losses(
-                x.logits, targets, x.is_train, key_idx, basis, loss)
-        if m.llc:
-            # The first evaluation, then every llc_every-th: a real branch, since eval_index is
-            # the same for every run (not batched), so the other evaluations skip the sampler.
-            due = (x.eval_index == 0) | ((x.eval_index + 1) % m.llc_every == 0)
-            out["llc"], out["llc_std"] = jax.lax.cond(
-                due,
-                lambda: llc.estimate(x.batch_loss, x.params, x.train_loss, x.key, epsilon=m.llc_epsilon,
-                                     gamma=m.llc_gamma, nbeta=m.llc_nbeta, chains=m.llc_chains,
-                                     draws=m.llc_draws, burn_in=m.llc_burn_in, vectorize=vectorize),
-                # NaN shaped like a per-run value (inside shard_map it must vary over runs too).
-                lambda: (jnp.full_like(x.train_loss, jnp.nan), jnp.full_like(x.train_loss, jnp.nan)))
-        return jnp.stack([jnp.asarray(out[c], jnp.float32) for c in COLUMNS]), energy
+            energy = fourier.energies(emb, ctx.basis)
+            c = ctx._replace(embedding=emb, energy=energy)
+        for m in on:
+            values = _at_cadence(m, getattr(cfg, m.every), x, c) if m.every else m.compute(x, c)
+            out |= {col.name: v for col, v in zip(m.columns, values, strict=True)}
+        return jnp.stack([jnp.asarray(out[name], jnp.float32) for name in COLUMNS]), energy
 
     return measure
 
 
 def key_frequencies(energies: np.ndarray, share: float) -> list[list[int]]:
     """Host side: each run's final key frequencies from its energies [runs, K]."""
+    from jaxgrok.measures import fourier
+
     return [fourier.key_frequencies(e, share) for e in energies]

@@ -9,17 +9,14 @@ import matplotlib.pyplot as plt  # set up (Agg, SVG text) by figures, which the 
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from jaxgrok import measures
 from jaxgrok.report.figures import cell_label, save, spans_decades
 
 if TYPE_CHECKING:
     from jaxgrok.analysis.warning import Snapshots
 
-MEASURE_LABELS = {  # measure -> its name on a figure; the order in which figures show them
-    "weight_norm": "weight norm ‖θ‖", "dist_from_init": "‖θ − θ₀‖", "fourier_gini": "Fourier Gini",
-    "n_key_freqs": "key frequencies", "top_freq_share": "top frequency's share", "circularity": "circularity",
-    "restricted_loss": "restricted loss", "excluded_loss": "excluded loss", "llc": "LLC (SGLD)",
-}
-LOG_SCALED = frozenset({"restricted_loss", "excluded_loss"})  # drawn on a log axis where they span decades
+MEASURE_LABELS = measures.LABELS  # measure -> its name on a figure; the order in which figures show them
+LOG_SCALED = frozenset(c.name for c in measures.MEASURE_COLUMNS if c.log_scaled)  # log axis where they span decades
 
 
 def aligned_measures(present: dict, bands: dict[str, list], shown: list[int], n_cells: int, uniq, keys,
