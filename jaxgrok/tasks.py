@@ -47,6 +47,8 @@ OPS = MODULAR_OPS + GROUP_OPS
 
 
 class Sizes(NamedTuple):
+    """A task table's sizes, known before the table is built."""
+
     n_pairs: int  # N, the examples of the table (pairs, for the built-in tasks)
     n_symbols: int
     n_classes: int

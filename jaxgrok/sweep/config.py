@@ -26,6 +26,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """[train]: the step budget, the evaluation cadence, the optimizer recipe and the precision."""
+
     steps: int = field(metadata=checked(lambda v: v > 0, "must be > 0"))
     eval_every: int = field(default=100, metadata=checked(lambda v: v > 0, "must be > 0"))
     batch_size: int = field(default=0, metadata=checked(lambda v: v >= 0, "must be ≥ 0 (0 = full batch)"))
@@ -48,6 +50,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class GrokkingConfig:
+    """[grokking]: when a run counts as having memorised, generalised, and grokked."""
+
     threshold: float = field(default=0.99, metadata=checked(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     # Liu et al. 2022 draw the phases from the steps to 0.9 accuracy and call it grokking when
     # validation lags training by more than 10³ steps.
