@@ -11,7 +11,9 @@ __version__ = "0.1.0"
 # The public names, each imported from its module when first used (`import jaxgrok` stays light).
 PUBLIC = {
     "run": "api", "load": "api", "Results": "api",  # sweeps from Python (api.py)
-    "register_task": "registry", "register_model": "registry",  # your own task or model (registry.py)
+    # Your own task or model (registry.py), through the modules that register the built-in ones: their
+    # names are taken before yours.
+    "register_task": "tasks", "register_model": "models",
     "Table": "tasks", "Model": "models",  # what a registered task's table() and model's build() return
 }
 

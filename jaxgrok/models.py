@@ -1,34 +1,123 @@
 """Models as pure functions: `init(key) -> params` and `apply(params, pairs[N, 2]) -> logits[N, C]`.
 
-The built-in models read two operands (a, b); a registered model (registry.py) reads the L tokens of
-its task's examples.
+Each built-in model is a config (the `[model]` table of a sweep file) with a `build` method, registered
+by its kind like a model of your own (registry.py). The built-in models read two operands (a, b); a
+registered model reads the L tokens of its task's examples.
 
 Plain JAX over dict pytrees, so that `jax.vmap` over a run axis turns one model into hundreds.
-Initializations follow the reference implementations each model comes from.
+Initializations follow the reference implementations each model comes from. jax is imported by the
+builders, not by this module: reading and checking a sweep file (its analysis too) needs the configs only.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, field
 
-import jax
-import jax.numpy as jnp
+from jaxgrok import registry
+from jaxgrok.registry import Model, checked, register_model  # noqa: F401 - jaxgrok.Model, jaxgrok.register_model
 
-ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
+ACTIVATIONS = ("relu", "gelu")
+_ACTIVATION = checked(lambda v: v in ACTIVATIONS, "must be relu or gelu")
+_POSITIVE = checked(lambda v: v > 0, "must be > 0")
 
 
-class Model(NamedTuple):
-    init: Callable  # key -> params
-    apply: Callable  # (params, inputs int32[N, L]) -> logits float32[N, n_classes]; L = 2 (a, b) for the built-in tasks
-    forward_flops: Callable  # n_pairs -> matmul FLOPs of one forward pass (2·m·n·k each)
-    activations: Callable  # n_pairs -> floats one forward pass keeps for the backward pass
-    # params -> float32[n_symbols, D]: the operands' embeddings, for the Fourier measures (None: the
-    # model has none, and those measures are off)
-    embedding: Callable | None = None
+@dataclass(frozen=True)
+class MLPConfig:
+    """Two token embeddings, concatenated, one hidden layer: the model that groks on a CPU."""
+
+    kind: str = "mlp"
+    d_embed: int = field(default=32, metadata=_POSITIVE)
+    d_hidden: int = field(default=128, metadata=_POSITIVE)
+    activation: str = field(default="relu", metadata=_ACTIVATION)
+    # devinterp's grokking MLP: one embedding table shared by both operands, no output bias.
+    tie_embeddings: bool = False
+    output_bias: bool = True
+
+    def validate(self, size) -> None:
+        """The rules between the model and its task's sizes: ValueError("KEY: what is wrong")."""
+        _two_operands(self, size)
+
+    def build(self, n_symbols: int, n_classes: int, n_inputs: int = 2) -> Model:
+        """The model over `n_symbols` operands and `n_classes` answers (two operands per example)."""
+        return mlp(self, n_symbols, n_classes)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Decoder-only transformer on the tokens "a b =", logits read at the last position."""
+
+    kind: str = "transformer"
+    n_layers: int = field(default=1, metadata=checked(lambda v: v in (1, 2, 3, 4), "must be 1 to 4"))
+    d_model: int = field(default=128, metadata=_POSITIVE)
+    n_heads: int = field(default=4, metadata=_POSITIVE)
+    d_mlp: int = field(default=512, metadata=_POSITIVE)
+    activation: str = field(default="relu", metadata=_ACTIVATION)
+    layer_norm: bool = False
+
+    def validate(self, size) -> None:
+        """The rules between the model and its task's sizes: ValueError("KEY: what is wrong")."""
+        _two_operands(self, size)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads: must divide d_model ({self.d_model}), got {self.n_heads}")
+
+    def build(self, n_symbols: int, n_classes: int, n_inputs: int = 2) -> Model:
+        """The model over `n_symbols` operands and `n_classes` answers (two operands per example)."""
+        return transformer(self, n_symbols, n_classes)
+
+
+@dataclass(frozen=True)
+class GromovConfig:
+    """Gromov 2023: one-hot (a, b) -> W1 -> x² -> W2, no biases, trained with MSE."""
+
+    kind: str = "gromov"
+    d_hidden: int = field(default=500, metadata=_POSITIVE)
+    default_loss = "mse"  # what [train] loss = "auto" means for it (not a field: no annotation)
+
+    def validate(self, size) -> None:
+        """The rules between the model and its task's sizes: ValueError("KEY: what is wrong")."""
+        _two_operands(self, size)
+
+    def build(self, n_symbols: int, n_classes: int, n_inputs: int = 2) -> Model:
+        """The model over `n_symbols` operands and `n_classes` answers (two operands per example)."""
+        return gromov(self, n_symbols, n_classes)
+
+
+MODELS = {"mlp": MLPConfig, "transformer": TransformerConfig, "gromov": GromovConfig}
+for _kind, _cls in MODELS.items():
+    registry.builtin("model", [_kind], _cls)
+
+
+def _two_operands(cfg, size) -> None:
+    if size.n_inputs != 2:
+        raise ValueError(f"kind: {cfg.kind} reads two operands (a, b); the task's examples have "
+                         f"{size.n_inputs} tokens: use a model registered for it")
+
+
+def build(cfg, n_symbols: int, n_classes: int, n_inputs: int = 2) -> Model:
+    """A built-in model of two operands, or a registered one (its own `build`, held to the contract)."""
+    if registry.is_builtin(cfg):
+        return cfg.build(n_symbols, n_classes, n_inputs)
+    return registry.check_model(cfg, n_symbols, n_classes, n_inputs)
+
+
+def n_params(params) -> int:
+    """The number of parameters of a params pytree."""
+    import jax
+
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def _activation(name: str):
+    import jax
+
+    return {"relu": jax.nn.relu, "gelu": jax.nn.gelu}[name]
 
 
 def _uniform(key, shape, fan_in):
     """PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
+    import jax
+    import jax.numpy as jnp
+
     bound = 1.0 / fan_in**0.5
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
@@ -38,8 +127,12 @@ def _uniform(key, shape, fan_in):
 
 
 def mlp(cfg, n_symbols: int, n_classes: int) -> Model:
+    """The MLP of an MLPConfig over `n_symbols` operands and `n_classes` answers."""
+    import jax
+    import jax.numpy as jnp
+
     d, h = cfg.d_embed, cfg.d_hidden
-    act = ACTIVATIONS[cfg.activation]
+    act = _activation(cfg.activation)
 
     tied, out_bias = getattr(cfg, "tie_embeddings", False), getattr(cfg, "output_bias", True)
 
@@ -82,8 +175,10 @@ def mlp(cfg, n_symbols: int, n_classes: int) -> Model:
 
 def mlp_plain(params, pairs, activation="relu"):
     """The textbook form of `mlp`'s forward pass: the reference that the rewrite is tested against."""
+    import jax.numpy as jnp
+
     x = jnp.concatenate([params["embed_a"][pairs[:, 0]], params["embed_b"][pairs[:, 1]]], axis=-1)
-    hidden = ACTIVATIONS[activation](x @ params["w1"] + params["b1"])
+    hidden = _activation(activation)(x @ params["w1"] + params["b1"])
     return hidden @ params["w2"] + params["b2"]
 
 
@@ -92,16 +187,22 @@ def mlp_plain(params, pairs, activation="relu"):
 
 
 def _layer_norm(x, scale, bias, eps=1e-5):
+    import jax
+
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
 def transformer(cfg, n_symbols: int, n_classes: int) -> Model:
+    """The transformer of a TransformerConfig over `n_symbols` operands and `n_classes` answers."""
+    import jax
+    import jax.numpy as jnp
+
     d, H, m, L = cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.n_layers
     dh = d // H
     n_ctx, vocab = 3, n_symbols + 1  # tokens a, b and "=" (id n_symbols)
-    act = ACTIVATIONS[cfg.activation]
+    act = _activation(cfg.activation)
 
     def init(key):
         # Nanda et al.'s initialization: Gaussian with std 1/sqrt(d_model) (unembed: 1/sqrt(vocab)).
@@ -170,6 +271,10 @@ def transformer(cfg, n_symbols: int, n_classes: int) -> Model:
 
 
 def gromov(cfg, n_symbols: int, n_classes: int) -> Model:
+    """Gromov's network of a GromovConfig over `n_symbols` operands and `n_classes` answers."""
+    import jax
+    import jax.numpy as jnp
+
     n = cfg.d_hidden
 
     def init(key):
@@ -191,19 +296,3 @@ def gromov(cfg, n_symbols: int, n_classes: int) -> Model:
         # The first layer's rows for operand a beside those for operand b.
         embedding=lambda params: jnp.concatenate([params["w1"][:n_symbols], params["w1"][n_symbols:]], 1),
     )
-
-
-BUILDERS = {"mlp": mlp, "transformer": transformer, "gromov": gromov}
-
-
-def build(cfg, n_symbols: int, n_classes: int, n_inputs: int = 2) -> Model:
-    """A built-in model of two operands, or a registered one (its own `build`, held to the contract)."""
-    if cfg.kind in BUILDERS:
-        return BUILDERS[cfg.kind](cfg, n_symbols, n_classes)
-    from jaxgrok import registry
-
-    return registry.check_model(cfg, n_symbols, n_classes, n_inputs)
-
-
-def n_params(params) -> int:
-    return sum(x.size for x in jax.tree.leaves(params))

@@ -21,21 +21,12 @@ import pyarrow.parquet as pq
 from jaxgrok import measures
 from jaxgrok.grokking import PHASES
 from jaxgrok.sweep import AXES
+from jaxgrok.sweep.axes import COLUMNS as AXIS_COLUMNS
 
 RUNS_SCHEMA = pa.schema([
     ("run_id", pa.int32()),
     ("run_hash", pa.string()),
-    ("seed", pa.int64()),
-    ("data_seed", pa.int64()),
-    ("batch_seed", pa.int64()),
-    ("noise_seed", pa.int64()),
-    ("weight_decay", pa.float64()),
-    ("learning_rate", pa.float64()),
-    ("init_scale", pa.float64()),
-    ("init_noise", pa.float64()),
-    ("train_fraction", pa.float64()),
-    ("grokfast_lambda", pa.float64()),
-    ("grokfast_alpha", pa.float64()),
+    *((a.name, pa.int64() if a.seed else pa.float64()) for a in AXIS_COLUMNS),  # one per axis (sweep/axes.py)
     ("n_train", pa.int32()),
     ("steps", pa.int64()),
     ("precision", pa.string()),  # [train] precision: float32, tf32 or bfloat16

@@ -2,16 +2,21 @@
 
 A task is the full table: `inputs` [N, 2] operand ids and `targets` [N] answer ids. The split into
 training and validation pairs is not made here: it is drawn per run, inside the compiled program,
-from the run's data seed and train fraction (see train.py).
+from the run's data seed and train fraction (see train.py). `TaskConfig` is the `[task]` table of
+every built-in operation, registered under each operation's name like a task of your own (registry.py).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+
+from jaxgrok import registry
+from jaxgrok.registry import Table, checked, register_task  # noqa: F401 - jaxgrok.Table, jaxgrok.register_task
 
 
 def _mod_inverse(b, p):
@@ -41,14 +46,9 @@ GROUP_OPS = ("s5",)  # composition x∘y in the symmetric group S5 (120 elements
 OPS = MODULAR_OPS + GROUP_OPS
 
 
-class Table(NamedTuple):
-    inputs: np.ndarray  # int32 [N, L]: token ids in [0, n_symbols); L = 2 (a, b) for the built-in tasks
-    targets: np.ndarray  # int32 [N]: answer ids in [0, n_classes)
-    n_symbols: int  # operand vocabulary (the transformer adds one token for "=")
-    n_classes: int
-
-
 class Sizes(NamedTuple):
+    """A task table's sizes, known before the table is built."""
+
     n_pairs: int  # N, the examples of the table (pairs, for the built-in tasks)
     n_symbols: int
     n_classes: int
@@ -98,44 +98,46 @@ def _table(op: str, p: int) -> Table:
     return Table(np.stack([a, b], 1).astype(np.int32), c.astype(np.int32), p, p)
 
 
+@dataclass(frozen=True)
+class TaskConfig:
+    """A built-in task: an operation of Power et al. 2022 modulo p, or composition in S5 (no p)."""
+
+    op: str = field(metadata=checked(lambda v: v in OPS, f"unknown task; one of {', '.join(OPS)}"))
+    p: int = field(default=0, metadata=checked(lambda v: v == 0 or v >= 2, "must be ≥ 2"))
+
+    def validate(self) -> None:
+        """The rules between op and p: ValueError("p: what is wrong") where one is broken."""
+        if self.op in MODULAR_OPS:
+            if self.p == 0:
+                raise ValueError(f"p: missing required key for task {self.op}")
+            if self.op in NEEDS_PRIME and not is_prime(self.p):
+                raise ValueError(f"p: {self.op} needs a prime modulus, got {self.p}")
+        elif self.p != 0:
+            raise ValueError(f"p: task {self.op} takes no modulus")
+
+    def table(self) -> Table:
+        """Every pair of the operation's table (built once per op and p)."""
+        return _table(self.op, self.p)
+
+    def sizes(self) -> Sizes:
+        """The table's sizes, counted without building it (a sweep is sized before anything is built)."""
+        n = 120 if self.op in GROUP_OPS else self.p
+        n_pairs = 120 * 120 if self.op in GROUP_OPS else self.p * (self.p - 1) if self.op in NEEDS_PRIME else self.p**2
+        return Sizes(n_pairs, n, n, 2)
+
+
+registry.builtin("task", OPS, TaskConfig)
+
+
 def make_table(task) -> Table:
-    """The full table of a task: a built-in TaskConfig (op, p) or a registered task (registry.py)."""
-    return _table(task.op, task.p) if task.op in OPS else _registered_table(task)
+    """The full table of a task: a built-in TaskConfig (op, p) or a registered task (registry.py),
+    the latter held to the contract."""
+    return task.table() if registry.is_builtin(task) else registry.check_table(task)
 
 
 def sizes(task) -> Sizes:
-    """The table's sizes; a built-in table's counted without building it (a sweep is sized before
-    anything is built)."""
-    if task.op in OPS:
-        n = 120 if task.op in GROUP_OPS else task.p
-        n_pairs = 120 * 120 if task.op in GROUP_OPS else task.p * (task.p - 1) if task.op in NEEDS_PRIME else task.p**2
-        return Sizes(n_pairs, n, n, 2)
-    t = _registered_table(task)
+    """The table's sizes; a built-in table's counted without building it."""
+    if registry.is_builtin(task):
+        return task.sizes()
+    t = registry.check_table(task)
     return Sizes(len(t.targets), t.n_symbols, t.n_classes, t.inputs.shape[1])
-
-
-@functools.lru_cache(maxsize=32)
-def _registered_table(task) -> Table:
-    """A registered task's table, built once and held to the contract: one ValueError line if not."""
-    where = f"task {task.op!r}"
-    try:
-        t = task.table()
-    except Exception as e:  # noqa: BLE001 - the task's own code: say what it raised, in one line
-        from jaxgrok.registry import _said
-
-        raise ValueError(f"{where}: table() raised {_said(e)}") from None
-    if not isinstance(t, Table):
-        raise ValueError(f"{where}: table() must return a jaxgrok.Table, got {type(t).__name__}")
-    inputs, targets = np.asarray(t.inputs), np.asarray(t.targets)
-    if inputs.ndim != 2 or inputs.shape[1] < 1 or targets.shape != inputs.shape[:1]:
-        raise ValueError(f"{where}: inputs must be [N, L] and targets [N], got {list(inputs.shape)} and {list(targets.shape)}")
-    if not (np.issubdtype(inputs.dtype, np.integer) and np.issubdtype(targets.dtype, np.integer)):
-        raise ValueError(f"{where}: inputs and targets must be integers (token and class ids), got {inputs.dtype} and {targets.dtype}")
-    if not 2 <= len(targets) < 2**31:
-        raise ValueError(f"{where}: {len(targets):,} examples; between 2 and 2³¹ − 1")
-    for name, ids, n in (("inputs", inputs, t.n_symbols), ("targets", targets, t.n_classes)):
-        if not (isinstance(n, (int, np.integer)) and n >= 1):
-            raise ValueError(f"{where}: {'n_symbols' if name == 'inputs' else 'n_classes'} must be a positive integer, got {n!r}")
-        if ids.min() < 0 or ids.max() >= n:
-            raise ValueError(f"{where}: {name} must lie in [0, {n}), got {ids.min()} to {ids.max()}")
-    return Table(inputs.astype(np.int32), targets.astype(np.int32), int(t.n_symbols), int(t.n_classes))

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgrok import measures, models, optim, tasks
-from jaxgrok.sweep import SEED_AXES, Static, Sweep
+from jaxgrok.sweep import SEED_AXES, Static, Sweep, axes
 
 CURVES, METRICS = measures.CURVES, measures.METRICS  # one row of a chunk's metrics per evaluation
 TRACES: collections.Counter = collections.Counter()  # trace counts, for the no-recompile test
@@ -31,20 +31,10 @@ TRACES: collections.Counter = collections.Counter()  # trace counts, for the no-
 NOISE_STREAM = 0x6E6F6973  # folded into noise_seed's key: its draws are independent of any model seed's
 
 
-class Hparams(NamedTuple):
-    """The swept values of each run; every field has a leading run axis."""
-
-    seed: jax.Array  # int32: model initialization
-    data_seed: jax.Array  # int32: the train/validation split
-    batch_seed: jax.Array  # int32: the minibatch order
-    noise_seed: jax.Array  # int32: the direction of the initialization perturbation
-    learning_rate: jax.Array
-    weight_decay: jax.Array
-    init_scale: jax.Array  # α: every initial weight is multiplied by it (Omnigrok)
-    init_noise: jax.Array  # ε: the perturbation, relative to the initializer's own scale
-    grokfast_lambda: jax.Array  # Grokfast's amplification of the slow gradient (0: no filter)
-    grokfast_alpha: jax.Array  # Grokfast's EMA momentum
-    n_train: jax.Array  # int32: training pairs, round(train_fraction · N), counted on the host
+# The swept values of each run, every field with a leading run axis: one per axis of the sweep
+# (sweep/axes.py, in its table's order), seeds int32, the rest float32, train_fraction as n_train
+# (int32, the training pairs counted on the host).
+Hparams = NamedTuple("Hparams", [(a.arg, jax.Array) for a in axes.TABLE])
 
 
 class RunState(NamedTuple):
@@ -69,9 +59,7 @@ class Program(NamedTuple):
 
 def hparams_for(sweep: Sweep, index: np.ndarray) -> Hparams:
     """The host-side Hparams of the runs `index` of a sweep."""
-    r = sweep.runs
-    return Hparams(**{f: r[f][index].astype(np.int32 if f in SEED_AXES else np.float32) for f in Hparams._fields
-                      if f != "n_train"}, n_train=sweep.n_train[index].astype(np.int32))
+    return Hparams(**sweep.program_values(index))
 
 
 # ---------------------------------------------------------------------------------------------

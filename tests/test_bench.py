@@ -8,7 +8,8 @@ import pytest
 
 from jaxgrok import bench, models, tasks
 from jaxgrok.cli import main
-from jaxgrok.sweep import GromovConfig, MLPConfig, TaskConfig, TransformerConfig
+from jaxgrok.models import GromovConfig, MLPConfig, TransformerConfig
+from jaxgrok.tasks import TaskConfig
 
 
 @pytest.mark.parametrize("cfg,p", [(MLPConfig(), 31), (TransformerConfig(d_model=64, d_mlp=256), 23),

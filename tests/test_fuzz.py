@@ -18,7 +18,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
-from jaxgrok import memory, sweep as S
+from jaxgrok import memory, models, sweep as S, tasks
 from jaxgrok.cli import main
 
 from conftest import make_raw, write_raw
@@ -31,11 +31,11 @@ KINDS = [0, -1, 1, 7, 10**18, 2**61 - 1, 0.5, -0.5, 1e308, float("inf"), float("
 
 
 def _keys():
-    tables = {"task": S.TaskConfig, "train": S.TrainConfig, "grokking": S.GrokkingConfig, "measures": S.MeasuresConfig}
+    tables = {"task": tasks.TaskConfig, "train": S.TrainConfig, "grokking": S.GrokkingConfig, "measures": S.MeasuresConfig}
     out = [(None, k) for k in ("name", "paper", "description")]
     for table, cls in tables.items():
         out += [(table, f.name) for f in dataclasses.fields(cls)]
-    out += sorted({("model", f.name) for cls in S.MODELS.values() for f in dataclasses.fields(cls)})
+    out += sorted({("model", f.name) for cls in models.MODELS.values() for f in dataclasses.fields(cls)})
     out += [("sweep", a) for a in S.AXES + ("zip",)]
     return out
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jaxgrok import models, tasks
-from jaxgrok.sweep import GromovConfig, MLPConfig, TaskConfig, TransformerConfig
+from jaxgrok.models import GromovConfig, MLPConfig, TransformerConfig
+from jaxgrok.tasks import TaskConfig
 
 
 def test_mlp_projection_rewrite_matches_plain_form():

@@ -1,0 +1,72 @@
+"""The run hash: a stable id per run, naming its stored results.
+
+A run's hash is the hash of everything that determines its training and its recorded columns, and of
+nothing else. A changed hash silently retrains (or orphans) every stored run (tests/test_golden.py pins
+them), so the rules that keep an older run's hash as the package grew are all here, one sentence each:
+
+- How the steps are cut into chunks and the runs into batches is left out: it changes no result.
+- A [train] key added later (LATER_TRAIN) is left out at its default.
+- An axis added later (`later` in axes.py) is left out at its default.
+- An axis that follows another (batch_seed, the model seed's minibatch order) is left out where equal to it.
+- A registered class's module and name are in (registry.origins); jaxgrok's own classes add nothing.
+- A full batch padded past its run's own pairs, and a program with a Grokfast filter in it, are in
+  (they round differently), and nothing is added where neither is the case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from jaxgrok import registry
+from jaxgrok.sweep.axes import AXES, TABLE
+
+# [train] keys that decide how the work is cut, not what is computed.
+NOT_HASHED_TRAIN = ("chunk_steps", "max_runs_per_batch")
+# [train] keys added after the first results were written: left out of the hash at their default.
+LATER_TRAIN = {"precision": "float32"}
+
+
+def static_part(resolved: dict, task, model) -> str:
+    """The part of every run's hash that the sweep's static config gives, as canonical JSON."""
+    train = {k: v for k, v in resolved["train"].items() if k not in NOT_HASHED_TRAIN
+             and LATER_TRAIN.get(k, object()) != v}
+    # The measures are in: a run's recorded columns depend on them (its training does not).
+    static = {"task": resolved["task"], "model": resolved["model"], "train": train, "measures": resolved["measures"]}
+    # A registered class's module and name are in: two classes under one name never share results.
+    if code := registry.origins(task, model):
+        static["code"] = code
+    return json.dumps(static, sort_keys=True)
+
+
+def run_part(values: dict, padded_to: int | None, grokfast_program: bool) -> str:
+    """The part of one run's hash that its axis values give (name -> Python scalar), as canonical JSON."""
+    hp = dict(values)
+    for axis in TABLE:
+        if axis.later and hp[axis.name] == axis.default:  # an axis added later, at its default
+            del hp[axis.name]
+    for axis in TABLE:
+        if axis.follows and hp[axis.name] == hp[axis.follows]:  # batch_seed equal to seed
+            del hp[axis.name]
+    # A full batch is padded to the sweep's largest training set, and the padded length changes how
+    # its sums round: a run padded past its own pairs is a different computation.
+    if padded_to is not None:
+        hp["padded_to"] = padded_to
+    # Likewise a program with a Grokfast filter in it: with λ = 0 the optimizer gets the same
+    # gradients, but XLA fuses its arithmetic differently and the last bits differ.
+    if grokfast_program:
+        hp["grokfast_program"] = True
+    return json.dumps(hp, sort_keys=True)
+
+
+def run_hashes(sweep) -> list[str]:
+    """Every run's hash, 16 hex digits, in run order."""
+    static = static_part(sweep.resolved, sweep.static.task, sweep.static.model)
+    full_batch, n_max = not sweep.static.train.batch_size, sweep.static.n_train_max
+    out = []
+    for i in range(sweep.n_runs):
+        values = {a: sweep.runs[a][i].item() for a in AXES}
+        padded = n_max if full_batch and sweep.n_train[i] < n_max else None
+        blob = static + run_part(values, padded, sweep.static.grokfast)
+        out.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
+    return out
