@@ -123,14 +123,26 @@ def _llc(x: Eval, c: Context):
 
 
 @dataclass(frozen=True)
+class Option:
+    """A `[measures]` key that sets how a measure is taken."""
+
+    name: str
+    type: type
+    default: object
+    check: tuple[Callable, str]  # (predicate, what the value must be)
+
+
+@dataclass(frozen=True)
 class Measure:
     """One progress measure: `compute(eval, context)` returns one value per column."""
 
-    switch: str  # its [measures] key
+    switch: str  # its [measures] key: true or false
     columns: tuple[Column, ...]
     compute: Callable[[Eval, Context], tuple]
     needs: Needs = Needs.NOTHING
-    every: str | None = None  # the [measures] key of its cadence in evaluations (None: every evaluation)
+    every: str | None = None  # the option giving its cadence in evaluations (None: every evaluation)
+    on: bool = True  # on by default (where it applies)
+    options: tuple[Option, ...] = ()  # its other [measures] keys, after its switch
 
 
 # The columns of every run's training curves, in curves.parquet's order.
@@ -149,15 +161,26 @@ MEASURES = (
     Measure("fourier", (Column("fourier_gini", "Fourier Gini", event=Rule.HALF_WAY),
                         Column("n_key_freqs", "key frequencies", integer=True),
                         Column("top_freq_share", "top frequency's share")),
-            _spectrum, needs=Needs.RESIDUES),
+            _spectrum, needs=Needs.RESIDUES,
+            options=(Option("key_freq_share", float, 0.9, (lambda v: 0 < v <= 1, "must be in (0, 1]")),)),
     Measure("circularity", (Column("circularity", "circularity", event=Rule.HALF_WAY),),
             _circularity, needs=Needs.RESIDUES),
     Measure("restricted_loss", (Column("restricted_loss", "restricted loss", log_scaled=True),
                                 Column("excluded_loss", "excluded loss", event=Rule.HALF_WAY_UP_FROM_T_TRAIN,
                                        log_scaled=True)),
-            _restricted, needs=Needs.RESIDUES | Needs.SUM_TASK),
+            _restricted, needs=Needs.RESIDUES | Needs.SUM_TASK,
+            options=(Option("restricted_freqs", int, 5, (lambda v: v >= 1, "must be ≥ 1")),)),
+    # Off unless asked: it costs chains × (burn_in + draws) minibatch gradient steps per estimate.
     Measure("llc", (Column("llc", "LLC (SGLD)", event=Rule.PEAK), Column("llc_std", None, progress=False)),
-            _llc, every="llc_every"),
+            _llc, every="llc_every", on=False, options=(
+                Option("llc_every", int, 30, (lambda v: v >= 1, "must be ≥ 1 (evaluations between estimates)")),
+                Option("llc_epsilon", float, 3e-3, (lambda v: 0 < v < 1, "must be in (0, 1)")),
+                Option("llc_gamma", float, 5.0, (lambda v: v >= 0, "must be ≥ 0")),
+                Option("llc_nbeta", float, 2.0, (lambda v: v > 0, "must be > 0")),
+                Option("llc_chains", int, 4, (lambda v: 1 <= v <= 64, "must be 1 to 64")),
+                Option("llc_draws", int, 50, (lambda v: 1 <= v <= 100_000, "must be 1 to 100000")),
+                Option("llc_burn_in", int, 0, (lambda v: 0 <= v <= 100_000, "must be 0 to 100000")),
+                Option("llc_batch_size", int, 128, (lambda v: v >= 0, "must be ≥ 0 (0 = the whole training set)")))),
 )
 
 MEASURE_COLUMNS = tuple(col for m in MEASURES for col in m.columns)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxgrok import tasks
+from jaxgrok import measures, tasks
 from jaxgrok.registry import checked
 from jaxgrok.sweep import hashing
 from jaxgrok.sweep.axes import TABLE, SweepError, coerce, n_train, varying
@@ -59,27 +59,15 @@ class GrokkingConfig:
     phase_gap: int = field(default=1000, metadata=checked(lambda v: v >= 0, "must be ≥ 0"))
 
 
-@dataclass(frozen=True)
-class MeasuresConfig:
-    """Progress measures computed inside the compiled program at every evaluation (measures/)."""
+def _measures_fields():
+    for m in measures.MEASURES:
+        yield m.switch, bool, field(default=m.on)
+        yield from ((o.name, o.type, field(default=o.default, metadata=checked(*o.check))) for o in m.options)
 
-    dist_from_init: bool = True  # ‖θ − θ₀‖
-    fourier: bool = True  # fourier_gini, n_key_freqs, top_freq_share; key_freqs in runs.parquet
-    key_freq_share: float = field(default=0.9, metadata=checked(lambda v: 0 < v <= 1, "must be in (0, 1]"))
-    circularity: bool = True  # Zhong et al. 2023
-    restricted_loss: bool = True  # Nanda et al. 2023: restricted and excluded loss (x+y, x-y)
-    restricted_freqs: int = field(default=5, metadata=checked(lambda v: v >= 1, "must be ≥ 1"))
-    # The local learning coefficient by SGLD (Lau et al. 2025; devinterp). Off unless asked: it
-    # costs chains × (burn_in + draws) minibatch gradient steps per estimate.
-    llc: bool = False
-    llc_every: int = field(default=30, metadata=checked(lambda v: v >= 1, "must be ≥ 1 (evaluations between estimates)"))
-    llc_epsilon: float = field(default=3e-3, metadata=checked(lambda v: 0 < v < 1, "must be in (0, 1)"))
-    llc_gamma: float = field(default=5.0, metadata=checked(lambda v: v >= 0, "must be ≥ 0"))
-    llc_nbeta: float = field(default=2.0, metadata=checked(lambda v: v > 0, "must be > 0"))
-    llc_chains: int = field(default=4, metadata=checked(lambda v: 1 <= v <= 64, "must be 1 to 64"))
-    llc_draws: int = field(default=50, metadata=checked(lambda v: 1 <= v <= 100_000, "must be 1 to 100000"))
-    llc_burn_in: int = field(default=0, metadata=checked(lambda v: 0 <= v <= 100_000, "must be 0 to 100000"))
-    llc_batch_size: int = field(default=128, metadata=checked(lambda v: v >= 0, "must be ≥ 0 (0 = the whole training set)"))
+
+# [measures]: each measure's switch and options, as jaxgrok/measures declares them.
+MeasuresConfig = dataclasses.make_dataclass("MeasuresConfig", list(_measures_fields()), frozen=True)
+MeasuresConfig.__doc__ = "[measures]: which progress measures the program computes, and how (jaxgrok/measures)."
 
 
 @dataclass(frozen=True)

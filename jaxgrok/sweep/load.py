@@ -10,7 +10,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from jaxgrok import models, registry, tasks  # noqa: F401 - models: its built-in classes registered
+from jaxgrok import measures, models, registry, tasks  # noqa: F401 - models: its built-in classes registered
 from jaxgrok.sweep.axes import SweepError, expand, n_train
 from jaxgrok.sweep.config import GrokkingConfig, MeasuresConfig, Static, Sweep, TrainConfig, build
 from jaxgrok.sweep.toml import apply_overrides, read_toml, safe_name
@@ -167,19 +167,24 @@ def _train(table, where: str) -> TrainConfig:
 
 def _measures(asked, task, model, size: tasks.Sizes, where: str) -> MeasuresConfig:
     """[measures]: one asked for where it cannot apply is an error; one left on by default is off there."""
-    measures = build(MeasuresConfig, asked, f"{where}: measures")
+    cfg = build(MeasuresConfig, asked, f"{where}: measures")
     modular = task.op in tasks.MODULAR_OPS
+    summed = task.op in tasks.SUM_OPS
     # The Fourier measures read the embedding of the residues: a built-in model's (they all have
     # one), or a registered model's `embedding` where it has one.
     embedded = registry.is_builtin(model) or _registered_model(model, size).embedding is not None
-    for key in ("fourier", "circularity", "restricted_loss"):
-        if asked.get(key) and not modular:
-            raise SweepError(f"{where}: measures.{key}: needs a modular task (residues 0..p-1), not {task.op}")
-        if asked.get(key) and not embedded:
-            raise SweepError(f"{where}: measures.{key}: model {model.kind} has no embedding (Model.embedding is None)")
-    if asked.get("restricted_loss") and task.op not in tasks.SUM_OPS:
-        raise SweepError(f"{where}: measures.restricted_loss: defined for {' and '.join(tasks.SUM_OPS)} only, not {task.op}")
+    for m in (m for m in measures.MEASURES if m.needs & measures.Needs.RESIDUES and asked.get(m.switch)):
+        if not modular:
+            raise SweepError(f"{where}: measures.{m.switch}: needs a modular task (residues 0..p-1), not {task.op}")
+        if not embedded:
+            raise SweepError(f"{where}: measures.{m.switch}: model {model.kind} has no embedding (Model.embedding is None)")
+    for m in (m for m in measures.MEASURES if m.needs & measures.Needs.SUM_TASK and asked.get(m.switch)):
+        if not summed:
+            raise SweepError(f"{where}: measures.{m.switch}: defined for {' and '.join(tasks.SUM_OPS)} only, not {task.op}")
+
+    def applies(m) -> bool:
+        return ((not m.needs & measures.Needs.RESIDUES or modular and embedded)
+                and (not m.needs & measures.Needs.SUM_TASK or summed))
+
     # Measures that do not apply to the task are off (their columns stay null).
-    return dataclasses.replace(measures, fourier=measures.fourier and modular and embedded,
-                               circularity=measures.circularity and modular and embedded,
-                               restricted_loss=measures.restricted_loss and task.op in tasks.SUM_OPS and embedded)
+    return dataclasses.replace(cfg, **{m.switch: getattr(cfg, m.switch) and applies(m) for m in measures.MEASURES})
