@@ -72,10 +72,27 @@ def grokfast_ema(alpha, lamb) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def _promoted_as_optax_expects(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` with JAX's standard dtype promotion inside, whatever the caller's mode: optax's bias
+    correction raises a Python float to an int32 count, which strict promotion refuses. The
+    arithmetic is the same; the training tests run everything else under strict promotion."""
+
+    def init(params):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.init(params)
+
+    def update(grads, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(grads, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
 def optimizer(cfg: TrainConfig, hp, grokfast: bool) -> optax.GradientTransformation:
     """The optimizer of one run: the recipe `cfg.optimizer` at the run's learning rate (after the
     warm-up) and weight decay, behind the Grokfast filter where the sweep uses one (`grokfast`: the
     filter then is in the program of every run, λ = 0 for those without). `hp`: the run's Hparams."""
     opt = RECIPES[cfg.optimizer](warmup(hp.learning_rate, cfg.warmup_steps), hp.weight_decay, cfg)
     # As in Grokfast's torch code, where the filter rewrites p.grad before optimizer.step.
+    opt = _promoted_as_optax_expects(opt)
     return optax.chain(grokfast_ema(hp.grokfast_alpha, hp.grokfast_lambda), opt) if grokfast else opt

@@ -210,7 +210,7 @@ def minibatch_loss(s: Setup, params, order, n_train, key, size: int, at_most_n_t
     `at_most_n_train`, over all of them where the run has fewer than `size` (the draws past its
     training set weigh 0)."""
     n_max = s.static.n_train_max
-    noise = jax.random.uniform(key, (n_max,)) + (jnp.arange(n_max) >= n_train)
+    noise = jax.random.uniform(key, (n_max,)) + (jnp.arange(n_max) >= n_train).astype(jnp.float32)
     picked, idx = jax.lax.top_k(-noise, size)
     loss = _loss(s, s.model.apply(params, s.inputs[order[idx]]), s.targets[order[idx]])
     if not at_most_n_train:
