@@ -101,8 +101,8 @@ def torch_loop(static, table, n_train, n_runs, lr, wd) -> float:
         torch.manual_seed(r)
         model = _model(static, table)
         _train(static.train, model.parameters(), lr, wd,
-               loss_fn=lambda: nn.functional.cross_entropy(model(x), y),
-               eval_fn=lambda: (model(inputs).argmax(-1) == targets).float().mean().item())
+               loss_fn=lambda model=model: nn.functional.cross_entropy(model(x), y),
+               eval_fn=lambda model=model: (model(inputs).argmax(-1) == targets).float().mean().item())
     return time.perf_counter() - start
 
 

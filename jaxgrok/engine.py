@@ -12,8 +12,8 @@ import dataclasses
 import hashlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import jax
 import numpy as np

@@ -12,14 +12,16 @@ changes shapes stays in `static` and decides the compile.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxgrok import measures, models, optim, tasks
 from jaxgrok.sweep import SEED_AXES, Static, Sweep, axes
@@ -85,7 +87,7 @@ def with_precision(model: models.Model, precision: str) -> models.Model:
     return model._replace(apply=apply)
 
 
-def abstract_inputs(program: "Program", n_runs: int) -> tuple[Hparams, RunState]:
+def abstract_inputs(program: Program, n_runs: int) -> tuple[Hparams, RunState]:
     """The shapes, dtypes and shardings of a batch's Hparams (those of `hparams_for`) and RunState:
     enough to lower and compile both programs ahead, with nothing allocated."""
     sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=program.sharding)  # noqa: E731

@@ -65,8 +65,8 @@ def test_exact_binomial_interval_is_clopper_pearson():
 
 def test_phase_diagram_on_a_synthetic_table(tmp_path):
     wd, lr = np.meshgrid([0.1, 1.0, 10.0], [1e-3, 1e-2], indexing="ij")
-    rows = [{"weight_decay": w, "learning_rate": l, "phase": p, "t_val_median": m, "frac_grokked": f}
-            for w, l, p, m, f in zip(wd.ravel(), lr.ravel(),
+    rows = [{"weight_decay": w, "learning_rate": r, "phase": p, "t_val_median": m, "frac_grokked": f}
+            for w, r, p, m, f in zip(wd.ravel(), lr.ravel(),
                                      ["memorization", "grokking", "grokking", "comprehension", "confusion", "grokking"],
                                      [None, 2000.0, 800.0, 300.0, None, 5000.0], [0, 0.5, 1, 1, 0, 0.75])]
     path = figures.phase_diagram(rows, "weight_decay", "learning_rate", tmp_path)

@@ -2,9 +2,9 @@
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_raw, write_raw
 
 import jaxgrok
-from conftest import make_raw, write_raw
 from jaxgrok.cli import main
 from jaxgrok.sweep import SweepError
 

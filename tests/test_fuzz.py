@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
-
-from jaxgrok import memory, models, sweep as S, tasks
-from jaxgrok.cli import main
-
 from conftest import make_raw, write_raw
+
+from jaxgrok import memory, models, tasks
+from jaxgrok import sweep as S
+from jaxgrok.cli import main
 
 BASE = tomllib.loads(Path(__file__).parent.parent.joinpath("sweeps/quickstart.toml").read_text())
 KINDS = [0, -1, 1, 7, 10**18, 2**61 - 1, 0.5, -0.5, 1e308, float("inf"), float("-inf"), float("nan"), True, False,

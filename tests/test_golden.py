@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_raw
+
 from jaxgrok import engine
 from jaxgrok.sweep import load_sweep, sweep_from_dict
 

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_raw, write_raw
 
 import jaxgrok
-from conftest import make_raw, write_raw
 from jaxgrok import registry, results
 from jaxgrok.sweep import SweepError, sweep_from_dict
 

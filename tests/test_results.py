@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_sweep
 
 from jaxgrok import results
-from conftest import write_sweep
 from jaxgrok.cli import main
 
 

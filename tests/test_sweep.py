@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import make_raw, write_sweep
 
 from jaxgrok.cli import main
 from jaxgrok.sweep import SweepError, load_sweep, sweep_from_dict
-
-from conftest import make_raw, write_sweep
 
 
 def test_product_of_axes_with_seeds_fastest(tiny_sweep):

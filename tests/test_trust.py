@@ -10,11 +10,10 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_raw, write_raw
+
 from jaxgrok import cli, engine, results
-from jaxgrok.store import lock
-from jaxgrok.store import Interrupted, Store
+from jaxgrok.store import Interrupted, Store, lock
 from jaxgrok.sweep import load_sweep
 
 

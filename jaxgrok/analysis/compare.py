@@ -28,13 +28,17 @@ def _censored(t, observed, budget) -> stats.CensoredData:
     return stats.CensoredData(uncensored=t[observed], right=budget[~observed])
 
 
+def _by_axes(cols: dict) -> dict[tuple, int]:
+    """{every axis value of a run: its row}."""
+    return {tuple(cols[ax][i].item() for ax in AXES): i for i in range(len(cols["run_id"]))}
+
+
 def paired(a: dict, b: dict) -> dict | None:
     """Where both sweeps hold the same runs (every axis value, seeds included, with one budget): does
     each run grok at the same time in B as in A? The sign test over the runs whose order is known
     (a censored run grokked after any grokked one; two censored runs tell nothing), Spearman ρ
     (censored runs rank last), and the median ratio t_val B / A over runs grokked in both."""
-    key = lambda cols: {tuple(cols[ax][i].item() for ax in AXES): i for i in range(len(cols["run_id"]))}
-    ka, kb = key(a), key(b)
+    ka, kb = _by_axes(a), _by_axes(b)
     if ka.keys() != kb.keys() or len(np.unique(np.concatenate([a["steps"], b["steps"]]))) != 1:
         return None
     ia, ib = np.array(list(ka.values())), np.array([kb[k] for k in ka])

@@ -66,6 +66,14 @@ def cluster_resamples(cluster: np.ndarray, n_resamples: int, rng: np.random.Gene
         yield np.concatenate([members[j] for j in rng.integers(0, len(levels), len(levels))])
 
 
+def _perturbation_share(components: dict) -> np.ndarray:
+    """The share of the variance among perturbations of one base initialization (noise seed and
+    residual) in the variance of the base and the perturbations together."""
+    within = components["noise_seed"] + components["residual"]
+    total = within + components["base initialization"]
+    return within / np.where(total > 0, total, np.nan)
+
+
 def perturbation_map(cols, n_resamples: int = 199, seed: int = 0) -> tuple[list[dict], list[str]]:
     """Per perturbation size ε: the share of the variance of log t_val that lies among perturbations
     of one base initialization (noise seeds) rather than across base initializations (the other
@@ -90,12 +98,9 @@ def perturbation_map(cols, n_resamples: int = 199, seed: int = 0) -> tuple[list[
             notes.append(f"init_noise = {e:g}: {design}.")
             continue
         est, boot, _ = variance.estimate(design, n_resamples, seed)
-        within = lambda d: d["noise_seed"] + d["residual"]  # noqa: E731
-        share = lambda d: within(d) / np.where(within(d) + d["base initialization"] > 0,  # noqa: E731
-                                               within(d) + d["base initialization"], np.nan)
-        lo, hi = variance.interval(share(boot))
+        lo, hi = variance.interval(_perturbation_share(boot))
         rows.append({"measure": "perturbation_share_log_t_val", "factor": "among perturbations of one base initialization",
-                     "estimate": float(share(est)[0]), "ci_lo": lo, "ci_hi": hi, "n": len(runs), "init_noise": float(e)})
+                     "estimate": float(_perturbation_share(est)[0]), "ci_lo": lo, "ci_hi": hi, "n": len(runs), "init_noise": float(e)})
         # Rank correlation with the unperturbed run of the same base (and the same other cell values).
         zero = {(base[i], *[cols[k][i] for k in others]): t[i] for i in np.nonzero(eps == 0)[0]}
         pairs = [(zero.get((base[i], *[cols[k][i] for k in others])), t[i], base[i]) for i in runs]

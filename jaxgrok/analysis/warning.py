@@ -28,10 +28,9 @@ import pyarrow as pa
 from scipy import stats
 
 from jaxgrok import measures, results
-from jaxgrok.measures import Rule
 from jaxgrok.analysis.cells import cell_ids, key_fields, survival
+from jaxgrok.measures import Rule
 from jaxgrok.tasks import MODULAR_OPS
-
 
 # The event rule of each measure and the measures ranked at a landmark: declared with the measures.
 EVENTS = measures.EVENTS

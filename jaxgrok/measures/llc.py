@@ -11,7 +11,7 @@ minibatch losses estimate without bias, so no chain's first batch is privileged 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
