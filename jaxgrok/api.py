@@ -53,10 +53,12 @@ class Results:
         return pq.read_table(path)
 
     def pandas(self, name: str):
+        """One of TABLES as a pandas DataFrame (needs pandas)."""
         _need("pandas")
         return self.table(name).to_pandas()
 
     def polars(self, name: str):
+        """One of TABLES as a polars DataFrame (needs polars)."""
         _need("polars")
         import polars as pl
 

@@ -46,6 +46,7 @@ WORKLOADS = {
 
 def workload_sweep(name: str, n_runs: int, steps: int, eval_every: int, contender: str = "jaxgrok",
                    precision: str = "float32"):
+    """The sweep one contender trains on a workload: `n_runs` seeds of WORKLOADS[name], one chunk, its measures table."""
     w = WORKLOADS[name]
     return sweep_from_dict({
         "name": f"bench_{name}", "paper": "benchmark workload", "task": w["task"], "model": w["model"],
@@ -79,6 +80,7 @@ def matmul_ceiling(n: int = 2048, reps: int = 5, precision: str = "float32") -> 
 
 
 def device_name() -> str:
+    """The devices JAX computes on, in words (the CPU's model and cores, or the accelerators' kind)."""
     d = jax.devices()[0]
     if d.platform == "cpu":
         model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -157,6 +159,7 @@ def measure(workload: str, n_runs: int, steps: int, eval_every: int, contenders,
 
 
 def format_row(row: dict) -> str:
+    """One benchmark row as a line: each contender's model-steps per second, the ratios, the fraction of the ceiling."""
     parts = [f"{row['workload']:>5} runs={row['runs']:<5}"]
     for c in CONTENDERS:
         if c in row["contenders"]:
@@ -171,6 +174,7 @@ def run(workloads, runs, steps, eval_every, contenders, loop_runs, repeats, json
         precision: str = "float32") -> list[dict]:
     # The ceiling is measured again before every row and the best reading kept, so that a noisy
     # moment cannot inflate the fraction of it that jaxgrok reaches.
+    """The benchmark: every workload at every run count, one row each (printed, and written to `json_path`)."""
     ceiling = matmul_ceiling(precision=precision)
     print(f"device: {device_name()}; JAX {jax.__version__}; {precision} matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
     print("model-steps per second (steps × runs / training seconds, compile apart), best of "

@@ -14,6 +14,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 
 class MLP(nn.Module):
+    """The quick-start model in PyTorch: two embeddings, concatenated, one hidden layer."""
+
     def __init__(self, n_symbols, n_classes, d_embed, d_hidden):
         super().__init__()
         self.embed_a = nn.Embedding(n_symbols, d_embed)

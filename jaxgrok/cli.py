@@ -60,6 +60,7 @@ def presets_dir() -> Path:
 
 
 def cmd_list(args) -> int:
+    """`jaxgrok list [DIR]`: the preset sweeps, what each follows, its size and whether it is CPU- or GPU-sized."""
     folder = Path(args.dir) if args.dir else presets_dir()
     files = sorted(folder.glob("*.toml"))
     if not files:
@@ -85,12 +86,14 @@ def cmd_list(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    """`jaxgrok analyze DIR [--x --y]`: statistics, figures and report.html for a results directory."""
     from jaxgrok import pipeline
 
     return pipeline.analyze_dir(args.results_dir, args.x, args.y)
 
 
 def cmd_compare(args) -> int:
+    """`jaxgrok compare A B`: two results directories' grokking times side by side."""
     from jaxgrok.analysis.compare import compare, format_comparison
 
     print(format_comparison(compare(args.a, args.b)))
@@ -98,6 +101,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """`jaxgrok bench`: model-steps per second beside the peers (or, with --hlo, the kernel audit)."""
     from jaxgrok import bench
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
@@ -151,6 +155,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `jaxgrok` command's arguments and subcommands."""
     parser = _Parser(prog="jaxgrok", description=__doc__)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # On CPU every core becomes a JAX device that trains its share of the runs one at a time, which
     # beats one device running batched kernels (BENCHMARKS.md). Must be set before jax starts.
+    """The `jaxgrok` command: a bad input is one line on stderr and exit status 2."""
     os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(os.cpu_count() or 1))
     args = build_parser().parse_args(argv)
     from jaxgrok.store.lock import InUse

@@ -83,6 +83,7 @@ def audit(sweep, n_runs: int = 8) -> dict:
 
 
 def format_audit(name: str, a: dict) -> str:
+    """An audit (`audit`) as the lines `jaxgrok bench --hlo` prints."""
     lines = [f"{name}: vmapped chunk for {a['runs']} runs ({a['backend']})",
              (f"  matmuls: {a['matmuls']}, each for all runs: {a['matmuls_over_all_runs']}, "
               f"of which batched over the run axis: {a['matmuls_batched_over_runs']}"),

@@ -55,6 +55,7 @@ PAIR_KEY = b"jaxgrok.pair"  # the same in the runs.parquet and curves.parquet of
 
 
 def versions() -> dict[str, str]:
+    """The versions of jaxgrok, JAX, jaxlib and Python, as the files' metadata records them."""
     out = {"python": platform.python_version()}
     for pkg in ("jaxgrok", "jax", "jaxlib", "flax", "optax", "numpy", "pyarrow"):
         try:
@@ -65,6 +66,7 @@ def versions() -> dict[str, str]:
 
 
 def metadata(kind: str, resolved: dict) -> dict[bytes, bytes]:
+    """A Parquet file's jaxgrok metadata: its kind, the resolved sweep and the versions."""
     return {
         KIND_KEY: kind.encode(),
         b"jaxgrok.sweep": json.dumps(resolved, sort_keys=True).encode(),
@@ -253,4 +255,5 @@ def check_pair(runs_path: str | Path, curves_path: str | Path) -> None:
 
 
 def sweep_config(table: pa.Table) -> dict:
+    """The resolved sweep a runs table was written under, from its metadata."""
     return json.loads(table.schema.metadata[b"jaxgrok.sweep"])

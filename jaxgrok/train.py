@@ -40,6 +40,8 @@ Hparams = NamedTuple("Hparams", [(a.arg, jax.Array) for a in axes.TABLE])
 
 
 class RunState(NamedTuple):
+    """One run's training state (a leading run axis in a batch): what a checkpoint holds."""
+
     params: dict
     params0: dict  # the initial parameters, for dist_from_init
     opt_state: optax.OptState
@@ -51,6 +53,8 @@ class RunState(NamedTuple):
 
 
 class Program(NamedTuple):
+    """A sweep's compiled program: init and chunk, with the model, task table and sharding they were built for."""
+
     init: Callable  # Hparams -> RunState
     chunk: Callable  # (RunState, Hparams, first_eval) -> (RunState, metrics float32[runs, evals, len(METRICS)])
     model: models.Model
