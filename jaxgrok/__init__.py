@@ -1,8 +1,10 @@
 """jaxgrok: hundreds of grokking runs in one compiled JAX program.
 
 The path of a sweep through the package, one module per stage:
-sweep (TOML -> runs) -> tasks, models -> train (the compiled program) -> engine (batches, chunks,
-curves) -> grokking (t_train, t_val, phase) -> results (Parquet) -> analysis (statistics) -> report (figures).
+sweep/ (TOML -> runs; the table of axes) -> registry, tasks, models -> optim, measures/ (the table of
+measures) -> train (the compiled program) -> engine (batches, chunks, curves) -> grokking (t_train,
+t_val, phase) -> results, store/ (Parquet, parts, checkpoints) -> analysis/ (statistics) -> report/
+(figures); pipeline ties them together for cli and api.
 """
 
 __version__ = "0.1.0"
