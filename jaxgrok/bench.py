@@ -172,9 +172,9 @@ def format_row(row: dict) -> str:
 
 def run(workloads, runs, steps, eval_every, contenders, loop_runs, repeats, json_path=None,
         precision: str = "float32") -> list[dict]:
+    """The benchmark: every workload at every run count, one row each (printed, and written to `json_path`)."""
     # The ceiling is measured again before every row and the best reading kept, so that a noisy
     # moment cannot inflate the fraction of it that jaxgrok reaches.
-    """The benchmark: every workload at every run count, one row each (printed, and written to `json_path`)."""
     ceiling = matmul_ceiling(precision=precision)
     print(f"device: {device_name()}; JAX {jax.__version__}; {precision} matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
     print("model-steps per second (steps × runs / training seconds, compile apart), best of "

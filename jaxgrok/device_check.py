@@ -33,10 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Sizes of each part: the device check's and a CPU's (--tiny: seconds, for the test that keeps the
 # script from rotting). Time limits are in seconds; on the device they add up to 8 minutes.
+# The torch part trains jaxgrok beside the torch contenders (ratios from one run); on a CPU only the
+# plumbing is checked, so the tiny part leaves jaxgrok out there.
 FULL = {"runs": "64,256,1024", "bench_steps": 300, "torch_runs": 1024, "memory_runs": 1024,
+        "torch_contenders": "jaxgrok,torch_vmap,torch_loop",
         "sweep_runs": 1024, "sweep_steps": 2000, "workload": "nanda",
         "limits": {"versions": 30, "tests": 90, "bench": 130, "torch": 60, "memory": 40, "sweep": 130}}
-TINY = {"runs": "2", "bench_steps": 20, "torch_runs": 2, "memory_runs": 4,
+TINY = {"runs": "2", "bench_steps": 20, "torch_runs": 2, "memory_runs": 4, "torch_contenders": "torch_vmap,torch_loop",
         "sweep_runs": 4, "sweep_steps": 40, "workload": "mlp",
         "limits": {"versions": 60, "tests": 300, "bench": 240, "torch": 120, "memory": 120, "sweep": 240}}
 TESTS = ["tests/test_engine.py", "tests/test_precision.py", "tests/test_memory.py", "tests/test_hlo.py"]
@@ -82,7 +85,7 @@ def parts(cfg: dict, out: Path, tiny: bool) -> list[tuple[str, list[str]]]:
             for p in ("float32", "bfloat16"))]),
         ("torch", _jaxgrok("bench", "--workload", cfg["workload"], "--runs", str(cfg["torch_runs"]),
                            "--steps", str(cfg["bench_steps"]), "--eval-every", str(min(100, cfg["bench_steps"])),
-                           "--repeats", "1", "--loop-runs", "2", "--contenders", "jaxgrok,torch_vmap,torch_loop",
+                           "--repeats", "1", "--loop-runs", "2", "--contenders", cfg["torch_contenders"],
                            "--json", str(out / "torch.json"))),
         ("memory", _jaxgrok("run", *_sweep_args(cfg, cfg["memory_runs"], 1000 if not tiny else 40, "float32"),
                             "--dry-run", "--out", str(out / "dry"))),

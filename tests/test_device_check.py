@@ -15,7 +15,7 @@ def test_every_part_of_the_device_check_runs_and_records(tmp_path):
     assert by["tests"]["passed"] > 0 and by["tests"]["failed"] == 0
     assert {r["precision"] for r in by["bench"]["rows"]} == {"float32", "bfloat16"}
     assert all(r["contenders"]["jaxgrok"]["model_steps_per_s"] > 0 for r in by["bench"]["rows"])
-    assert by["memory"]["batch"] == "4" and "per_run_estimate" in by["memory"]
+    assert int(by["memory"]["batch"]) >= 4 and "per_run_estimate" in by["memory"]  # padded to the devices
     assert by["sweep"]["runs"] == 4 and by["sweep"]["train_s"] > 0
     for i, r in enumerate(summary, 1):  # one JSON and one log per part
         assert (tmp_path / f"{i:02d}_{r['part']}.json").exists() and (tmp_path / f"{i:02d}_{r['part']}.log").exists()
