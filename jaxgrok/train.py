@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgrok import measures, models, optim, tasks
-from jaxgrok.sweep import SEED_AXES, Static, Sweep, axes
+from jaxgrok.sweep import Static, Sweep, axes
 
 CURVES, METRICS = measures.CURVES, measures.METRICS  # one row of a chunk's metrics per evaluation
 TRACES: collections.Counter = collections.Counter()  # trace counts, for the no-recompile test
@@ -95,7 +95,7 @@ def abstract_inputs(program: Program, n_runs: int) -> tuple[Hparams, RunState]:
     """The shapes, dtypes and shardings of a batch's Hparams (those of `hparams_for`) and RunState:
     enough to lower and compile both programs ahead, with nothing allocated."""
     sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=program.sharding)  # noqa: E731
-    hp = Hparams(**{f: sd((n_runs,), np.int32 if f in SEED_AXES + ("n_train",) else np.float32) for f in Hparams._fields})
+    hp = Hparams(**{a.arg: sd((n_runs,), a.arg_dtype) for a in axes.TABLE})
     state = jax.tree.map(lambda a: sd(a.shape, a.dtype), jax.eval_shape(program.init, hp))
     return hp, state
 
