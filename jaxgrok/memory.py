@@ -9,6 +9,7 @@ counterpart of the estimate, for `jaxgrok list` and the benchmark.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -46,22 +47,54 @@ class TooLarge(SweepError):
     """Not even one run per device fits in the device's memory budget; the message is one line."""
 
 
+def _least_parts(static: Static, model_cfg=None) -> tuple[int, int]:
+    """(parameters with their initial copy and two AdamW moments: 16 bytes each, the logits of an
+    evaluation over the whole table) of one run, counted without building anything."""
+    size = tasks.sizes(static.task)
+    model = models.build(model_cfg or static.model, size.n_symbols, size.n_classes, size.n_inputs)
+    n_params = models.n_params(jax.eval_shape(model.init, jax.random.key(0)))
+    return 16 * n_params, 4 * size.n_pairs * size.n_classes
+
+
 def least_bytes_per_run(static: Static) -> int:
     """What one run needs at the very least, counted without building anything: its parameters,
     initial parameters and two AdamW moments (16 bytes a parameter), and the logits of an
     evaluation over the whole table."""
-    size = tasks.sizes(static.task)
-    model = models.build(static.model, size.n_symbols, size.n_classes, size.n_inputs)
-    n_params = models.n_params(jax.eval_shape(model.init, jax.random.key(0)))
-    return 16 * n_params + 4 * size.n_pairs * size.n_classes
+    return sum(_least_parts(static))
+
+
+def size_keys(static: Static) -> str:
+    """The keys that make one run large, as a message names them ("model.d_hidden = 1,000,000,000"):
+    task.p where the evaluation's logits (p² pairs × p classes) outweigh the parameters, else each
+    integer key of [model] whose halving shrinks the parameters by a quarter or more, largest effect
+    first (all of [model]'s integer keys where none does)."""
+    params, logits = _least_parts(static)
+    task_keys = [f"task.{f.name} = {getattr(static.task, f.name):,}" for f in dataclasses.fields(static.task)
+                 if f.type in (int, "int")]
+    if logits > params and task_keys:
+        return ", ".join(task_keys)
+    effects = []
+    for f in dataclasses.fields(static.model):
+        value = getattr(static.model, f.name)
+        if f.type not in (int, "int") or value < 2:
+            continue
+        try:  # a halved size the model refuses (heads that no longer divide the width) says nothing
+            smaller = _least_parts(static, dataclasses.replace(static.model, **{f.name: value // 2}))[0]
+        except Exception:  # noqa: BLE001 - a registered model's own checks raise their own kinds
+            continue
+        effects.append((params - smaller, f"model.{f.name} = {value:,}"))
+    effects.sort(reverse=True)
+    large = [name for cut, name in effects if cut >= params / 4]
+    return ", ".join(large or [name for _, name in effects])
 
 
 def check_fits(sweep: Sweep, budget: int) -> None:
     """Refuse, before anything is built or written, a sweep of which not one run can fit."""
-    least = least_bytes_per_run(sweep.static)
-    if least > budget:
-        raise TooLarge(f"{sweep.path}: one run needs at least {human_bytes(least)} (parameters, optimizer state and "
-                       f"the evaluation's logits), more than the budget of {human_bytes(budget)} per device")
+    params, logits = _least_parts(sweep.static)
+    if params + logits > budget:
+        raise TooLarge(f"{sweep.path}: {size_keys(sweep.static)}: one run needs at least {human_bytes(params + logits)} "
+                       f"(parameters and optimizer state {human_bytes(params)}, the evaluation's logits "
+                       f"{human_bytes(logits)}), more than the budget of {human_bytes(budget)} per device")
 
 
 def memory_budget() -> int:
@@ -153,8 +186,8 @@ def fit(program: train.Program, static, n_runs: int, budget: int, where: str = "
         if need is None or static.train.max_runs_per_batch:
             return per_device * n_dev, init, chunk, need
         if need > budget and per_device == 1:
-            raise TooLarge(f"{where}: one run needs {human_bytes(need)} of device memory, more than the "
-                           f"budget of {human_bytes(budget)} per device (JAXGROK_MEMORY_BUDGET, or the device's limit)")
+            raise TooLarge(f"{where}: {size_keys(static)}: one run needs {human_bytes(need)} of device memory, more "
+                           f"than the budget of {human_bytes(budget)} per device (JAXGROK_MEMORY_BUDGET, or the device's limit)")
         points.append((per_device, need))
         if len(points) >= 2:
             (n0, b0), (n1, b1) = points[-2:]

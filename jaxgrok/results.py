@@ -150,6 +150,14 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def named(error: OSError, path: Path) -> OSError:
+    """`error` with the file it concerns: pyarrow's failed writes say "[errno 28] No space left on
+    device" and name no file."""
+    if error.filename:
+        return error
+    return OSError(error.errno, os.strerror(error.errno) if error.errno else str(error), str(path))
+
+
 def write_atomic(table: pa.Table, path: str | Path) -> None:
     """Write under a temporary name in the same directory, then rename: whole or not at all. Pages
     carry checksums, so a file damaged later is caught when read (page_checksum_verification)."""
@@ -159,6 +167,8 @@ def write_atomic(table: pa.Table, path: str | Path) -> None:
     try:
         pq.write_table(table, tmp, write_page_checksum=True)
         os.replace(tmp, path)
+    except OSError as e:
+        raise named(e, path) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -191,7 +201,10 @@ def write_pair(runs: pa.Table, curves: pa.Table, out: str | Path, resolved: dict
     try:
         for kind, table in tables.items():
             meta = {**metadata(kind, resolved), PAIR_KEY: pair.encode()}
-            pq.write_table(table.replace_schema_metadata(meta), tmps[kind], write_page_checksum=True)
+            try:
+                pq.write_table(table.replace_schema_metadata(meta), tmps[kind], write_page_checksum=True)
+            except OSError as e:
+                raise named(e, paths[kind]) from None
         for kind in tables:
             os.replace(tmps[kind], paths[kind])
     finally:

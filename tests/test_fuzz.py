@@ -13,6 +13,7 @@ import os
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
@@ -24,7 +25,8 @@ from jaxgrok import sweep as S
 from jaxgrok.cli import main
 
 BASE = tomllib.loads(Path(__file__).parent.parent.joinpath("sweeps/quickstart.toml").read_text())
-KINDS = [0, -1, 1, 7, 10**18, 2**61 - 1, 0.5, -0.5, 1e308, float("inf"), float("-inf"), float("nan"), True, False,
+INT_LIMITS = [2**31 - 1, 2**31, -(2**31) - 1, 2**63 - 1, 2**63, -(2**63)]  # int32's and int64's edges
+KINDS = [0, -1, 1, 7, 10**18, 2**61 - 1, *INT_LIMITS, 0.5, -0.5, 1e308, float("inf"), float("-inf"), float("nan"), True, False,
          "", "x", "mlp", "x/y", "../x", [], [1], [0.5, 2.0], ["mlp"], [[1]], [[]], {}, {"a": 1}, {"count": 0},
          {"count": -1}, {"count": 10**7}, {"count": 4, "start": -1},
          "RAW:1979-05-27", "RAW:1979-05-27T07:32:00Z", "RAW:07:32:00", "RAW:1979-05-27T07:32:00"]
@@ -66,6 +68,55 @@ def test_every_key_with_every_kind_of_value(tmp_path):
                 failures.append(f"{table}.{key} = {value!r}: {type(e).__name__}: {e}")
     assert not failures, f"{len(failures)} variants failed:\n" + "\n".join(failures[:20])
     assert n_ok > 100  # the generator also makes valid files: the checks do not refuse everything
+
+
+def _integer_keys():
+    """(file, table, key) for every integer key of a sweep file: each model's in a preset of its kind."""
+    presets = {"mlp": "sweeps/quickstart.toml", "transformer": "sweeps/nanda.toml", "gromov": "sweeps/gromov.toml"}
+    tables = {"task": tasks.TaskConfig, "train": S.TrainConfig, "grokking": S.GrokkingConfig, "measures": S.MeasuresConfig}
+    out = [(presets["mlp"], t, f.name) for t, cls in tables.items() for f in dataclasses.fields(cls) if f.type in (int, "int")]
+    out += [(presets[kind], "model", f.name) for kind, cls in models.MODELS.items() for f in dataclasses.fields(cls)
+            if f.type in (int, "int")]
+    out += [(presets["mlp"], "sweep", a) for a in S.SEED_AXES]
+    return out
+
+
+def _with_llc(table):  # the LLC's options act only where it is on
+    return ["--set", "measures.llc=true"] if table == "measures" else []
+
+
+def test_integers_past_int32_are_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+    out, failures = tmp_path / "out", []
+    for preset, table, key in _integer_keys():
+        for value in INT_LIMITS[1:]:
+            args = ["run", preset, "--set", f"{table}.{key}={value}", *_with_llc(table), "--out", str(out), "--quiet"]
+            code, err = main(args), capsys.readouterr().err.strip()
+            if code != 2 or len(err.splitlines()) != 1 or key not in err or preset not in err or out.exists():
+                failures.append(f"{table}.{key} = {value}: exit {code}, {err[:200]!r}")
+    assert not failures, "\n".join(failures)
+    assert len(_integer_keys()) >= 25  # every table's integers: the list did not come out empty
+
+
+def test_integers_at_the_int32_limit_are_refused_or_compile(tmp_path):
+    """At 2³¹ − 1 a key is refused in one line, or its program traces and lowers: no integer overflows
+    inside the jitted program (the error that came after parts/ was made)."""
+    from jaxgrok import train
+
+    checked = 0
+    for preset, table, key in _integer_keys():
+        overrides = [f"{table}.{key}={2**31 - 1}"] + _with_llc(table)[1:]
+        try:
+            sweep = S.load_sweep(preset, overrides)
+            memory.check_fits(sweep, memory.memory_budget())
+        except S.SweepError as e:
+            _assert_one_line(e, preset, key)
+            continue
+        program = train.make_program(sweep.static, evals=1)
+        hp, state = train.abstract_inputs(program, program.sharding.mesh.size)
+        program.init.lower(hp)
+        program.chunk.lower(state, hp, np.int32(0))
+        checked += 1
+    assert checked >= 5  # warm-up, chunk size, batch cap, phase gap, the measures' cadences
 
 
 @pytest.mark.parametrize("text,named", [
@@ -115,27 +166,34 @@ def test_an_override_on_a_table_that_is_a_string(tmp_path):
         S.load_sweep(path)
 
 
-@pytest.mark.parametrize("override,limit", [
-    ("task.p=1000003", "2³¹"),  # 10¹² pairs
-    ("task.p=20011", "budget"),  # one run's logits alone need more than the device
-    ("model.d_hidden=1000000000", "budget"),
-    ("sweep.seed={count=10000000}", "JAXGROK_MAX_RUNS"),
-    ("steps=1000000000000000000", "at most"),
+@pytest.mark.parametrize("overrides,limit,named", [
+    (["task.p=1000003"], "2³¹", "task.p"),  # 10¹² pairs
+    (["task.p=20011"], "budget", "task.p = 20,011: "),  # one run's logits alone need more than the device
+    (["model.d_hidden=1000000000"], "budget", "model.d_hidden = 1,000,000,000"),
+    (["model.d_embed=100000000"], "budget", ": model.d_embed = 100,000,000, model.d_hidden = 128: "),  # both, the larger effect first
+    (["sweep.seed={count=10000000}"], "JAXGROK_MAX_RUNS", "sweep.seed"),
+    (["sweep.seed={count=2000}", "sweep.data_seed={count=2000}", "sweep.zip=[]"], "JAXGROK_MAX_RUNS",
+     "(sweep.weight_decay 4 × sweep.data_seed 2,000 × sweep.seed 2,000)"),
+    (["steps=1000000000000000000"], "at most", "train.steps"),
 ])
-def test_sizes_that_cannot_fit_are_refused_up_front(tmp_path, capsys, override, limit):
+def test_sizes_that_cannot_fit_are_refused_up_front_naming_the_keys(tmp_path, capsys, overrides, limit, named):
     out = tmp_path / "out"
-    assert main(["run", "sweeps/quickstart.toml", "--set", override, "--out", str(out), "--quiet"]) == 2
+    args = [a for o in overrides for a in ("--set", o)]
+    assert main(["run", "sweeps/quickstart.toml", *args, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "sweeps/quickstart.toml" in err and limit in err, err
+    assert len(err.splitlines()) == 1 and "sweeps/quickstart.toml" in err and limit in err and named in err, err
     assert not out.exists()
 
 
-def test_a_large_prime_modulus_is_checked_quickly():
-    # 2⁶¹ − 1 is prime; trial division would take minutes. Refused for its size, not hung on.
-    with pytest.raises(S.SweepError, match="2³¹"):
+def test_a_large_modulus_is_checked_quickly():
+    # 2³¹ − 1 is prime, but its table of 2⁶² pairs is refused for its size, not built or hung on;
+    # beyond it the integer limit refuses first. A composite near it fails the primality test.
+    with pytest.raises(S.SweepError, match="more than 2³¹"):
+        S.load_sweep("sweeps/quickstart.toml", ["task.op=x/y", f"task.p={2**31 - 1}"])
+    with pytest.raises(S.SweepError, match="at most 2³¹ − 1"):
         S.load_sweep("sweeps/quickstart.toml", ["task.op=x/y", f"task.p={2**61 - 1}"])
     with pytest.raises(S.SweepError, match="prime"):
-        S.load_sweep("sweeps/quickstart.toml", ["task.op=x/y", f"task.p={2**61 + 1}"])
+        S.load_sweep("sweeps/quickstart.toml", ["task.op=x/y", f"task.p={2**31 - 3}"])
 
 
 @pytest.mark.parametrize("args", [["--checkpoint-every", "0"], ["--checkpoint-every", "-2"], ["--shard", "-1/2"],

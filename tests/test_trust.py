@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -186,8 +187,8 @@ def _failing_writes(monkeypatch, err, only=""):
     real = pq.write_table
 
     def write_table(table, where, *args, **kwargs):
-        if only in str(where):
-            raise OSError(err, os.strerror(err), str(where))
+        if only in str(where):  # as pyarrow says it: the errno, and no file named
+            raise OSError(err, f"Error writing bytes to file. Detail: [errno {err}] {os.strerror(err)}")
         return real(table, where, *args, **kwargs)
 
     monkeypatch.setattr(pq, "write_table", write_table)
@@ -250,3 +251,49 @@ def test_a_batch_that_does_not_fit_leaves_no_directory(tmp_path, capsys, monkeyp
     assert run(sweep_file(tmp_path, max_runs_per_batch=0), out) == 2
     assert "one run needs 1.4 MiB of device memory" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, smaller than one checkpoint of the tiny batch (mounting one needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (the injected full disk below runs everywhere)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_while_orbax_writes_a_checkpoint_is_one_line(small_disk, fresh):
+    # A process of its own: orbax's threads log through absl, and tensorstore's callbacks raise into
+    # sys.unraisablehook, which pytest would catch.
+    out, sweep = small_disk / "out", sweep_file(small_disk.parent)
+    command = [sys.executable, "-m", "jaxgrok", "run", str(sweep), "--out", str(out), "--no-analyze", "--quiet",
+               "--checkpoint-every", "1"]
+    failed = subprocess.run(command, capture_output=True, text=True)
+    err = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1
+    assert len(err) == 1 and f"{out / 'checkpoints'}: could not write checkpoint 1: No space left on device" in err[0], err[:4]
+    assert not list((out / "checkpoints").glob("*tmp*"))  # the half-written step is gone, and its space
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert subprocess.run(command, capture_output=True).returncode == 0  # the same command, space freed
+    assert same(tables(out), fresh[100])
+
+
+def test_an_injected_full_disk_in_the_checkpoint_writer(tmp_path, capfd, monkeypatch, fresh):
+    import orbax.checkpoint as ocp
+
+    def save(self, step, *args, **kwargs):  # what tensorstore says, after orbax began the step
+        (Path(self.directory) / f"{step}.orbax-checkpoint-tmp-0").mkdir(parents=True)
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "state.params.w1/1.0.0" in OCDBT database: Failed to '
+                         "write 143864 bytes to file 18: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    out = tmp_path / "out"
+    assert run(sweep_file(tmp_path), out, "--checkpoint-every", "1") == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not write checkpoint 1: No space left on device" in err[0], err
+    assert not list((out / "checkpoints").glob("*tmp*"))
+    monkeypatch.undo()
+    assert run(sweep_file(tmp_path), out, "--checkpoint-every", "1") == 0
+    assert same(tables(out), fresh[100])

@@ -9,6 +9,12 @@ change before the resume), the batch size, and the sweep as it was (to say what 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +23,45 @@ import jax
 
 class WriteError(OSError):
     """A checkpoint that could not be written (a full disk, a read-only directory): one line."""
+
+
+def _reason(error: Exception) -> str:
+    """What went wrong in a failed orbax save, in a few words: the operating system's message where
+    tensorstore gives its code (a full disk: "No space left on device"), else the error's first line."""
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    text = str(error)
+    if code := re.search(r"os_error_code='(\d+)'", text):
+        return os.strerror(int(code.group(1)))
+    if "No space left on device" in text:
+        return os.strerror(errno.ENOSPC)
+    return text.splitlines()[0][:160] if text else type(error).__name__
+
+
+def _ignore_closed_loops(previous):
+    """An unraisablehook that drops what tensorstore's write callbacks raise once orbax has closed the
+    event loop of a failed save ("Event loop is closed", one traceback per pending write: the save's
+    own error says what happened), and hands everything else on."""
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+    hook.jaxgrok = True
+    return hook
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax's threads log a failed write (absl, at ERROR with its traceback), and the writes still
+    pending fail after the save has raised (asyncio: "Future exception was never retrieved"). The
+    save's error is said once, by the caller, in one line; after a failure the process is ending, so
+    the two loggers stay quiet for its rest rather than print into the user's terminal behind it."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    yield
+    for logger, level in zip(loggers, levels):  # only once the save succeeded
+        logger.setLevel(level)
 
 
 class Checkpoints:
@@ -43,13 +88,23 @@ class Checkpoints:
 
         step = (self.manager.latest_step() or 0) + 1
         state = state._replace(key=jax.random.key_data(state.key))  # typed keys: store their data
+        if not getattr(sys.unraisablehook, "jaxgrok", False):
+            sys.unraisablehook = _ignore_closed_loops(sys.unraisablehook)
         try:
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"state": state, "curves": curves}), cursor=ocp.args.JsonSave(cursor)))
-            self.manager.wait_until_finished()
+            with _quiet_orbax():
+                self.manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"state": state, "curves": curves}), cursor=ocp.args.JsonSave(cursor)))
+                self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise their own kinds
-            raise WriteError(f"{self.manager.directory}: could not write a checkpoint "
-                             f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+            self._discard_unfinished(step)
+            raise WriteError(f"{self.manager.directory}: could not write checkpoint {step}: {_reason(e)} (the runs "
+                             f"finished so far are kept in parts/)") from None
+
+    def _discard_unfinished(self, step: int) -> None:
+        """Remove what a failed save of `step` left under orbax's temporary name: the next run never
+        reads it (orbax lists finished steps only), and on a full disk it holds the space."""
+        for tmp in Path(self.manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _newest_readable(self, args, report: bool):
         """Restore `args` from the newest checkpoint that reads; an unreadable one is reported (if

@@ -173,7 +173,10 @@ def expand(table: dict, where: str) -> dict[str, np.ndarray]:
     groups = _groups(zips, values, where)
     n_runs = int(np.prod([len(values[g[0]]) for g in groups], dtype=object))
     if n_runs > max_runs():
-        raise SweepError(f"{where}: {n_runs:,} runs, more than the maximum of {max_runs():,} (JAXGROK_MAX_RUNS)")
+        # Name the axes that multiply up (a zip group's together), so the message says what to change.
+        counts = " × ".join(" and ".join("sweep." + a for a in g) + f" {len(values[g[0]]):,}"
+                            for g in groups if len(values[g[0]]) > 1)
+        raise SweepError(f"{where}: {n_runs:,} runs ({counts}), more than the maximum of {max_runs():,} (JAXGROK_MAX_RUNS)")
     per_group = [list(zip(*(values[a] for a in g))) for g in groups]
     cols: dict[str, list] = {a: [] for a in AXES}
     for combo in itertools.product(*per_group):

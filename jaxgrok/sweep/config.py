@@ -21,6 +21,9 @@ from jaxgrok.sweep import hashing
 from jaxgrok.sweep.axes import TABLE, SweepError, coerce, n_train, varying
 
 PRECISIONS = ("float32", "tf32", "bfloat16")
+# Every integer of a sweep file: the compiled program counts steps, evaluations, seeds and sizes in
+# int32, and a larger value would overflow inside a jitted call (after the results directory exists).
+INT_LIMIT = 2**31 - 1
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -177,6 +180,9 @@ def build(cls, table: dict, where: str):
                 raise SweepError(f"{where}.{name}: missing required key")
             continue
         value = coerce(table[name], typ, f"{where}.{name}")
+        if typ is int and not -INT_LIMIT <= value <= INT_LIMIT:
+            raise SweepError(f"{where}.{name}: at most 2³¹ − 1 = {INT_LIMIT:,} in size (the compiled program's "
+                             f"integers are int32), got {value:,}")
         if "check" in f.metadata:
             pred, msg = f.metadata["check"]
             if not pred(value):
