@@ -8,6 +8,10 @@ Grokfast (Lee et al. 2024, arXiv:2405.20233) amplifies the slow component of the
 filter of the reference code (ironjr/grokfast, `gradfilter_ema`) keeps μ ← αμ + (1 − α)g, starting
 from the first gradient, and hands the optimizer g + λμ; here it is a GradientTransformation chained
 before the recipe, and λ = 0 passes the gradient through unchanged.
+
+⊥Grad (Prieto et al. 2025, arXiv:2501.04697; LucasPrietoAl/grokking-at-the-edge-of-numerical-stability,
+`orthograd.py`) removes from each parameter tensor's gradient its component along the weights, then
+rescales it to the gradient's norm, before the base optimizer's step; chained first.
 """
 
 from __future__ import annotations
@@ -73,6 +77,21 @@ def grokfast_ema(alpha, lamb) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def orthograd(on) -> optax.GradientTransformation:
+    """Per tensor, g ↦ g⊥·‖g‖/‖g⊥‖ with g⊥ = g − (w·g)/(w·w)·w, as the reference (its 10⁻³⁰ guards
+    included) where `on` > 0; the gradient itself elsewhere."""
+
+    def project(g, w):
+        proj = jnp.vdot(w, g) / (jnp.vdot(w, w) + 1e-30)
+        g_orth = g - proj * w
+        return jnp.where(on > 0, g_orth * (jnp.linalg.norm(g) / (jnp.linalg.norm(g_orth) + 1e-30)), g)
+
+    def update(grads, state, params=None):
+        return jax.tree.map(project, grads, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _promoted_as_optax_expects(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """`tx` with JAX's standard dtype promotion inside, whatever the caller's mode: optax's bias
     correction raises a Python float to an int32 count, which strict promotion refuses. The
@@ -89,11 +108,15 @@ def _promoted_as_optax_expects(tx: optax.GradientTransformation) -> optax.Gradie
     return optax.GradientTransformation(init, update)
 
 
-def optimizer(cfg: TrainConfig, hp, grokfast: bool) -> optax.GradientTransformation:
+def optimizer(cfg: TrainConfig, hp, grokfast: bool, ortho: bool = False) -> optax.GradientTransformation:
     """The optimizer of one run: the recipe `cfg.optimizer` at the run's learning rate (after the
     warm-up) and weight decay, behind the Grokfast filter where the sweep uses one (`grokfast`: the
-    filter then is in the program of every run, λ = 0 for those without). `hp`: the run's Hparams."""
+    filter then is in the program of every run, λ = 0 for those without), and behind that ⊥Grad
+    where the sweep uses it (`ortho`, likewise). `hp`: the run's Hparams."""
     opt = RECIPES[cfg.optimizer](warmup(hp.learning_rate, cfg.warmup_steps), hp.weight_decay, cfg)
-    # As in Grokfast's torch code, where the filter rewrites p.grad before optimizer.step.
+    # As in the torch code of both papers, where the filter and the projection rewrite p.grad
+    # before optimizer.step.
     opt = _promoted_as_optax_expects(opt)
-    return optax.chain(grokfast_ema(hp.grokfast_alpha, hp.grokfast_lambda), opt) if grokfast else opt
+    if grokfast:
+        opt = optax.chain(grokfast_ema(hp.grokfast_alpha, hp.grokfast_lambda), opt)
+    return optax.chain(orthograd(hp.orthograd), opt) if ortho else opt

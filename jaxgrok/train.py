@@ -168,11 +168,21 @@ def _over_devices(chunk_run_: Callable, mesh: Mesh, vectorize: bool) -> Callable
 # One run: initialization, a training step, an evaluation, a chunk
 
 
+def log_stablemax(logits):
+    """log s(x)/Σs(x) with s(x) = x + 1 for x ≥ 0 and 1/(1 − x) below (Prieto et al. 2025, utils.py):
+    a normaliser that grows linearly, not exponentially, so no probability rounds to exactly 1. (The
+    reference computes it in float64; here in the program's float32.)"""
+    s = jnp.where(logits < 0, 1 / (1 - jnp.minimum(logits, 0)), logits + 1)
+    return jnp.log(s / s.sum(-1, keepdims=True))
+
+
 def per_example_loss(loss: str, n_classes: int, logits, labels):
-    """The loss of each example: cross-entropy, or for `loss` "mse" the squared error against
-    one-hot targets averaged over classes (torch's MSELoss)."""
+    """The loss of each example: cross-entropy, for `loss` "mse" the squared error against one-hot
+    targets averaged over classes (torch's MSELoss), for "stablemax" cross-entropy through StableMax."""
     if loss == "mse":
         return ((logits - jax.nn.one_hot(labels, n_classes)) ** 2).mean(-1)
+    if loss == "stablemax":
+        return -jnp.take_along_axis(log_stablemax(logits), labels[..., None], axis=-1)[..., 0]
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
@@ -182,7 +192,7 @@ def _loss(s: Setup, logits, labels):
 
 def _optimizer(s: Setup, hp: Hparams) -> optax.GradientTransformation:
     # Built inside the vmapped function, so each run closes over its own traced values.
-    return optim.optimizer(s.static.train, hp, s.static.grokfast)
+    return optim.optimizer(s.static.train, hp, s.static.grokfast, s.static.orthograd)
 
 
 def init_run(s: Setup, hp: Hparams) -> RunState:

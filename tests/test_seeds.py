@@ -145,3 +145,18 @@ def test_llc_batch_between_the_smallest_and_largest_training_sets(tiny_sweep):
     mapped, vmapped = engine.train_sweep(s), engine.train_sweep(s, vectorize=True)
     assert np.isfinite(mapped.curves["llc"]).all()
     np.testing.assert_allclose(vmapped.curves["llc"], mapped.curves["llc"], rtol=1e-3)
+
+
+def test_orthograd_as_an_axis(tiny_sweep):
+    """⊥Grad on some runs of a sweep: its own hash (a program with it in rounds differently, as with
+    Grokfast), the runs without it follow plain AdamW, those with it do not; at its default no
+    run hash changes (tests/test_golden.py)."""
+    plain = _sweep(tiny_sweep, seed=[0, 1], train_={"steps": 20, "eval_every": 10})
+    mixed = _sweep(tiny_sweep, seed=[0, 1], orthograd=[0, 1], train_={"steps": 20, "eval_every": 10})
+    assert mixed.static.orthograd and not plain.static.orthograd
+    assert not set(mixed.run_hashes) & set(plain.run_hashes) and len(set(mixed.run_hashes)) == 4
+    a, b = _curves(engine.train_sweep(plain, devices=ONE)), _curves(engine.train_sweep(mixed, devices=ONE))
+    runs = mixed.runs["orthograd"]
+    np.testing.assert_allclose(b[runs == 0], a, rtol=1e-5, atol=1e-6)
+    loss = train.METRICS.index("train_loss")
+    assert np.abs(b[runs == 1][:, :, loss] - a[:, :, loss]).max() > 1e-3

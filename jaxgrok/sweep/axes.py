@@ -73,6 +73,9 @@ TABLE = (
     Axis("grokfast_alpha", False, 0.98, (lambda v: 0 <= v < 1, "must be in [0, 1)"), rank=0, column=10, later=True),
     Axis("train_fraction", False, None, (lambda v: 0 < v < 1, "must be in (0, 1)"), rank=2, column=8,
          counted_as="n_train"),
+    # ⊥Grad (Prieto et al. 2025): 1 removes from each parameter tensor's gradient its component along
+    # the weights, keeping its norm; 0 leaves it alone.
+    Axis("orthograd", False, 0.0, (lambda v: v in (0, 1), "must be 0 or 1"), rank=-1, column=11, later=True),
 )
 BY_NAME = {a.name: a for a in TABLE}
 AXES = tuple(a.name for a in sorted(TABLE, key=lambda a: a.rank))  # the order runs are enumerated in

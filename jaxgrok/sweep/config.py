@@ -25,6 +25,7 @@ PRECISIONS = ("float32", "tf32", "bfloat16")
 # int32, and a larger value would overflow inside a jitted call (after the results directory exists).
 INT_LIMIT = 2**31 - 1
 OPTIMIZERS = ("adamw", "adam", "sgd")
+LOSSES = ("auto", "cross_entropy", "mse", "stablemax")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class TrainConfig:
     # sgd: plain (minibatch or full-batch) gradient descent, weight decay as torch.optim.SGD's L2
     # term, no momentum (Gromov 2023; Barak et al. 2022). beta1 and beta2 are Adam's only.
     optimizer: str = field(default="adamw", metadata=checked(lambda v: v in OPTIMIZERS, "must be adamw, adam or sgd"))
-    loss: str = field(default="auto", metadata=checked(lambda v: v in ("auto", "cross_entropy", "mse"), "must be auto, cross_entropy or mse"))
+    # stablemax: Prieto et al. 2025's cross-entropy through s(x) = x + 1 (x ≥ 0), 1/(1 − x) (x < 0)
+    # in place of exp, which cannot round a probability to exactly 1 ("softmax collapse").
+    loss: str = field(default="auto", metadata=checked(lambda v: v in LOSSES, "must be auto, cross_entropy, mse or stablemax"))
     chunk_steps: int = field(default=1000, metadata=checked(lambda v: v > 0, "must be > 0"))
     max_runs_per_batch: int = field(default=0, metadata=checked(lambda v: v >= 0, "must be ≥ 0 (0 = fit to memory)"))
     # float32: true float32 matmuls (GPUs would otherwise use TF32); tf32: TensorFloat-32 matmuls;
@@ -85,6 +88,7 @@ class Static:
     n_train_min: int  # smallest training set in the sweep
     n_train_max: int  # largest training set in the sweep: the static length of the train gather
     grokfast: bool = False  # some run filters its gradients (grokfast_lambda > 0)
+    orthograd: bool = False  # some run projects its gradients (orthograd = 1)
 
     @property
     def loss(self) -> str:

@@ -9,8 +9,8 @@ them), so the rules that keep an older run's hash as the package grew are all he
 - An axis added later (`later` in axes.py) is left out at its default.
 - An axis that follows another (batch_seed, the model seed's minibatch order) is left out where equal to it.
 - A registered class's module and name are in (registry.origins); jaxgrok's own classes add nothing.
-- A full batch padded past its run's own pairs, and a program with a Grokfast filter in it, are in
-  (they round differently), and nothing is added where neither is the case.
+- A full batch padded past its run's own pairs, and a program with a Grokfast filter or ⊥Grad in it,
+  are in (they round differently), and nothing is added where none is the case.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def static_part(resolved: dict, task, model) -> str:
     return json.dumps(static, sort_keys=True)
 
 
-def run_part(values: dict, padded_to: int | None, grokfast_program: bool) -> str:
+def run_part(values: dict, padded_to: int | None, grokfast_program: bool, orthograd_program: bool = False) -> str:
     """The part of one run's hash that its axis values give (name -> Python scalar), as canonical JSON."""
     hp = dict(values)
     for axis in TABLE:
@@ -56,6 +56,8 @@ def run_part(values: dict, padded_to: int | None, grokfast_program: bool) -> str
     # gradients, but XLA fuses its arithmetic differently and the last bits differ.
     if grokfast_program:
         hp["grokfast_program"] = True
+    if orthograd_program:
+        hp["orthograd_program"] = True
     return json.dumps(hp, sort_keys=True)
 
 
@@ -67,6 +69,6 @@ def run_hashes(sweep) -> list[str]:
     for i in range(sweep.n_runs):
         values = {a: sweep.runs[a][i].item() for a in AXES}
         padded = n_max if full_batch and sweep.n_train[i] < n_max else None
-        blob = static + run_part(values, padded, sweep.static.grokfast)
+        blob = static + run_part(values, padded, sweep.static.grokfast, sweep.static.orthograd)
         out.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
     return out
