@@ -98,6 +98,14 @@ def upgrade_runs(table: pa.Table) -> pa.Table:
     return table.select(RUNS_SCHEMA.names)
 
 
+def upgrade_curves(table: pa.Table) -> pa.Table:
+    """A curves table written before a later measure existed, with its columns null (it was off)."""
+    for name in measures.LATER_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, CURVES_SCHEMA.field(name).type))
+    return table
+
+
 def outcome_columns(outcomes: dict[str, np.ndarray]) -> dict[str, pa.Array]:
     """The runs table's columns that grokking.analyse() computes from the curves."""
     return {

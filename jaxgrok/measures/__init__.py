@@ -113,6 +113,14 @@ def _restricted(x: Eval, c: Context):
     return fourier.restricted_losses(x.logits, c.targets, x.is_train, key_idx, c.basis, c.loss)
 
 
+def _numerics(x: Eval, c: Context):
+    from jaxgrok.measures import numerics
+
+    return (numerics.softmax_collapse(x.logits, x.is_train),
+            numerics.zero_loss_frac(c.loss(x.logits, c.targets), x.is_train),
+            numerics.nlm_cosine(x.logits, c.targets, x.is_train, c.loss))
+
+
 def _llc(x: Eval, c: Context):
     from jaxgrok.measures import llc
 
@@ -143,6 +151,9 @@ class Measure:
     every: str | None = None  # the option giving its cadence in evaluations (None: every evaluation)
     on: bool = True  # on by default (where it applies)
     options: tuple[Option, ...] = ()  # its other [measures] keys, after its switch
+    # Added after the first results were written: its keys are left out of the run hash at their
+    # defaults (sweep/hashing.py), and parts written before it lack its columns (null on merging).
+    later: bool = False
 
 
 # The columns of every run's training curves, in curves.parquet's order.
@@ -181,6 +192,12 @@ MEASURES = (
                 Option("llc_draws", int, 50, (lambda v: 1 <= v <= 100_000, "must be 1 to 100000")),
                 Option("llc_burn_in", int, 0, (lambda v: 0 <= v <= 100_000, "must be 0 to 100000")),
                 Option("llc_batch_size", int, 128, (lambda v: v >= 0, "must be ≥ 0 (0 = the whole training set)")))),
+    # Prieto et al. 2025: the softmax rounding to one, the training losses at exactly 0, and how far
+    # the update only scales the logits. Cheap (the logits are there); off unless asked.
+    Measure("numerics", (Column("softmax_collapse", "softmax collapse (share of training pairs)"),
+                         Column("zero_loss_frac", "zero-loss share of training pairs"),
+                         Column("nlm_cosine", "cos(−∇_z L, z − z̄)")),
+            _numerics, on=False, later=True),
 )
 
 MEASURE_COLUMNS = tuple(col for m in MEASURES for col in m.columns)
@@ -191,6 +208,9 @@ BY_NAME = {col.name: col for col in TRAINING + MEASURE_COLUMNS}
 PROGRESS = tuple(col.name for col in TRAINING + MEASURE_COLUMNS if col.progress)  # ranked by early warning
 EVENTS = {col.name: col.event for col in TRAINING + MEASURE_COLUMNS if col.event}
 LABELS = {col.name: col.label for col in TRAINING + MEASURE_COLUMNS if col.label and col.progress}  # drawn
+# The [measures] keys of measures added later, at their defaults, and the columns older parts lack.
+LATER_KEYS = {k: v for m in MEASURES if m.later for k, v in ((m.switch, m.on), *((o.name, o.default) for o in m.options))}
+LATER_COLUMNS = tuple(col.name for m in MEASURES if m.later for col in m.columns)
 
 
 def n_frequencies(static, n_symbols: int) -> int:

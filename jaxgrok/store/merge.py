@@ -19,7 +19,7 @@ def merge(out: Path, parts: list[Path], sweep) -> int:
     threshold retrains nothing). Returns the number of runs merged."""
     position = {h: i for i, h in enumerate(sweep.run_hashes)}
     runs = [results.upgrade_runs(pq.read_table(p)) for p in parts]
-    curves = [pq.read_table(curves_part(p)) for p in parts]
+    curves = [results.upgrade_curves(pq.read_table(curves_part(p))) for p in parts]
     runs_t = pa.concat_tables([t.replace_schema_metadata(None) for t in runs])
     curves_t = pa.concat_tables([t.replace_schema_metadata(None) for t in curves])
     runs_t = _reindex(runs_t, position)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jaxgrok import results
+from jaxgrok import measures, results
 
 
 class DamagedPart(Exception):
@@ -82,7 +82,8 @@ def verify_part(runs_path: Path, curves_path: Path) -> list[str]:
     if not hashes or None in hashes or len(set(hashes)) != len(hashes):
         raise DamagedPart(f"{runs_path.name} has missing or repeated run hashes")
     curves = _read_part(curves_path, "curves")
-    missing = [c for c in (*results.CURVES_SCHEMA.names, "run_hash") if c not in curves.column_names]
+    missing = [c for c in (*results.CURVES_SCHEMA.names, "run_hash") if c not in curves.column_names
+               and c not in measures.LATER_COLUMNS]  # a part written before a later measure lacks its columns
     if missing:
         raise DamagedPart(f"{curves_path.name} lacks the columns {', '.join(missing)}")
     if not results.every_evaluation(curves.column("run_hash").to_pylist(), hashes, n_evals):

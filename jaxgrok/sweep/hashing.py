@@ -5,7 +5,8 @@ nothing else. A changed hash silently retrains (or orphans) every stored run (te
 them), so the rules that keep an older run's hash as the package grew are all here, one sentence each:
 
 - How the steps are cut into chunks and the runs into batches is left out: it changes no result.
-- A [train] key added later (LATER_TRAIN) is left out at its default.
+- A [train] key added later (LATER_TRAIN) is left out at its default; so is a [measures] key of a measure
+  added later (`later` in jaxgrok/measures).
 - An axis added later (`later` in axes.py) is left out at its default.
 - An axis that follows another (batch_seed, the model seed's minibatch order) is left out where equal to it.
 - A registered class's module and name are in (registry.origins); jaxgrok's own classes add nothing.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from jaxgrok import registry
+from jaxgrok import measures, registry
 from jaxgrok.sweep.axes import AXES, TABLE
 
 # [train] keys that decide how the work is cut, not what is computed.
@@ -32,7 +33,8 @@ def static_part(resolved: dict, task, model) -> str:
     train = {k: v for k, v in resolved["train"].items() if k not in NOT_HASHED_TRAIN
              and LATER_TRAIN.get(k, object()) != v}
     # The measures are in: a run's recorded columns depend on them (its training does not).
-    static = {"task": resolved["task"], "model": resolved["model"], "train": train, "measures": resolved["measures"]}
+    measured = {k: v for k, v in resolved["measures"].items() if measures.LATER_KEYS.get(k, object()) != v}
+    static = {"task": resolved["task"], "model": resolved["model"], "train": train, "measures": measured}
     # A registered class's module and name are in: two classes under one name never share results.
     if code := registry.origins(task, model):
         static["code"] = code
