@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from jaxgrok import results
 from jaxgrok.sweep import Sweep, SweepError, apply_overrides, load_sweep, sweep_from_dict
 
-TABLES = ("runs", "curves", "stats", "sensitivity", "events", "lead_times", "concordance", "grokfast")
+TABLES = ("runs", "curves", "stats", "sensitivity", "events", "lead_times", "concordance", "grokfast", "curvature")
 
 
 class Results:

@@ -261,6 +261,14 @@ def _llc_batch_loss(s: Setup, params, order, n_train, key):
     return minibatch_loss(s, params, order, n_train, key, s.llc_batch, at_most_n_train=s.llc_batch >= s.static.n_train_min)
 
 
+def _loss_on(s: Setup, params, key, size: int, order, n_train):
+    """The training loss on `size` distinct training pairs drawn with `key` (all of the run's where
+    it has no more, or `size` is 0): the curvature measures' loss."""
+    if size == 0 or size >= s.static.n_train_max:
+        return full_batch_loss(s, params, order, n_train)
+    return minibatch_loss(s, params, order, n_train, key, size, at_most_n_train=size >= s.static.n_train_min)
+
+
 def evaluate(s: Setup, state: RunState, hp: Hparams, eval_index) -> tuple[jax.Array, jax.Array]:
     """One run's metrics on the full table (float32[len(METRICS)], NaN once diverged) and its
     embedding's Fourier spectrum."""
@@ -279,8 +287,9 @@ def evaluate(s: Setup, state: RunState, hp: Hparams, eval_index) -> tuple[jax.Ar
     # independent of how steps are cut into chunks. Training's own key is left alone.
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(hp.seed), hp.data_seed), eval_index)
     batch_loss = lambda p, k: _llc_batch_loss(s, p, state.order, hp.n_train, k)  # noqa: E731
+    loss_on = partial(_loss_on, s, order=state.order, n_train=hp.n_train)
     values, energies = s.measure(measures.Inputs(state.params, state.params0, logits, state.is_train,
-                                                 train_loss, batch_loss, key, eval_index))
+                                                 train_loss, batch_loss, key, eval_index, state.opt_state, loss_on))
     m = jnp.concatenate([m, values])
     return jnp.where(state.diverged, jnp.nan, m), energies  # a diverged run's curve stops here
 

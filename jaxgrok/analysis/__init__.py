@@ -3,7 +3,8 @@
 `analyze(dir)` reads runs.parquet (and curves.parquet) and computes everything into an `Analysis`;
 `write(analysis, dir)` writes its Parquet tables and has the report draw it. One module per question:
 cells (Kaplan–Meier per cell), variance (Tobit variance components), sensitivity (seeds and the
-perturbation map), grokfast (the speed-up), warning (early warning), compare (`jaxgrok compare`).
+perturbation map), grokfast (the speed-up), warning (early warning), curvature (flat or sharp),
+compare (`jaxgrok compare`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from jaxgrok import results
-from jaxgrok.analysis import cells, grokfast, sensitivity, warning
+from jaxgrok.analysis import cells, curvature, grokfast, sensitivity, warning
 from jaxgrok.sweep import SEED_AXES
 
 
@@ -40,6 +41,8 @@ class Analysis:
     rank_correlation: tuple[float, int] | None  # median Spearman ρ between cells sharing seeds, and of how many pairs
     speedup: list[dict]  # grokfast.grokfast_speedup rows; empty without unfiltered runs
     warning: warning.EarlyWarning | None  # without curves.parquet: None
+    flat_or_sharp: list[dict]  # curvature.flat_or_sharp rows; empty where no curvature measure was taken
+    curvature_said: tuple[str, ...]  # curvature.sentences of those rows
     notes: tuple[str, ...]  # sentences for the report
     tables: dict[str, pa.Table]  # name -> the table written as name.parquet, in the order written
 
@@ -126,13 +129,17 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
         tables |= warn.tables
         if resolved.get("measures", {}).get("fourier"):
             warn = dataclasses.replace(warn, snapshots=_embedding_snapshots(resolved, cols))
+    sharp = []
+    if curvature.applies(curves):
+        sharp = curvature.flat_or_sharp(cols, curves, keys, resolved["train"]["eval_every"])
+        tables["curvature"] = curvature.flat_or_sharp_table(sharp, keys, resolved)
     plot_axes = [a for a in (x, y) if a] or keys[:2]
     plot_cells = rows if plot_axes == keys else cells.cell_stats(cols, plot_axes) if plot_axes else []  # others pooled
     rhos = [s["estimate"] for s in sens_rows if s["measure"] == "rank_correlation_t_val"]
     return Analysis(
         runs=cols, sweep=resolved, curves=curves, swept=swept, keys=keys, cells=rows, plot_axes=plot_axes,
         plot_cells=plot_cells, sensitivity=sens_rows, rank_correlation=(np.median(rhos), len(rhos)) if rhos else None,
-        speedup=speedup, warning=warn, notes=tuple(notes + _not_reached(cols, rows, keys)), tables=tables)
+        speedup=speedup, warning=warn, flat_or_sharp=sharp, curvature_said=tuple(curvature.sentences(sharp, keys)), notes=tuple(notes + _not_reached(cols, rows, keys)), tables=tables)
 
 
 def write(analysis: Analysis, results_dir: str | Path) -> dict[str, Path]:

@@ -67,6 +67,8 @@ class Eval(NamedTuple):
     batch_loss: Callable  # (params, key) -> loss on a minibatch of the run's training pairs
     key: jax.Array  # randomness for this run and evaluation (the LLC's SGLD)
     eval_index: jax.Array  # unbatched int32: the evaluation's number in the run (0 = first)
+    opt_state: object = None  # the run's optimizer state (Adam's second moments, for precond_sharpness)
+    loss_on: Callable | None = None  # (params, key, size) -> training loss on `size` pairs (0: all of them)
 
 
 Inputs = Eval  # the name train.py passes them under
@@ -81,6 +83,7 @@ class Context(NamedTuple):
     targets: jax.Array
     loss: Callable  # (logits, targets) -> per-example loss
     vectorize: bool  # runs vmapped (then the LLC's chains are too)
+    adam_beta2: float | None = None  # the recipe's β₂ where it is Adam's (None: SGD, no preconditioner)
     embedding: jax.Array | None = None
     energy: jax.Array | None = None
 
@@ -119,6 +122,30 @@ def _numerics(x: Eval, c: Context):
     return (numerics.softmax_collapse(x.logits, x.is_train),
             numerics.zero_loss_frac(c.loss(x.logits, c.targets), x.is_train),
             numerics.nlm_cosine(x.logits, c.targets, x.is_train, c.loss))
+
+
+CURVATURE_STREAM = 0x63757276  # folded into the evaluation's key: draws independent of the LLC's
+
+
+def _curvature(x: Eval, c: Context):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgrok.measures import curvature
+
+    m = c.cfg
+    k_batch, k_lanczos, k_probes, k_pre = jax.random.split(jax.random.fold_in(x.key, CURVATURE_STREAM), 4)
+    hessian = curvature.hessian_matvec(lambda p: x.loss_on(p, k_batch, m.curvature_batch_size), x.params)
+    lam_max, lam_min = curvature.lanczos_extremes(hessian, x.params, k_lanczos, m.curvature_iters)
+    trace, _ = curvature.hutchinson_trace(hessian, x.params, k_probes, m.curvature_probes)
+    if c.adam_beta2 is None:  # plain gradient descent has no preconditioner
+        return lam_max, lam_min, trace, jnp.full_like(lam_max, jnp.nan)
+    # Adam's step is P⁻¹·m̂ with P = diag(√v̂ + ε): its stability is that of P⁻¹H (Cohen et al. 2022).
+    adam = curvature.adam_state(x.opt_state)
+    correction = 1 - jnp.power(jnp.float32(c.adam_beta2), adam.count.astype(jnp.float32))
+    diag = jax.tree.map(lambda nu: jnp.sqrt(nu / correction) + 1e-8, adam.nu)  # optax's eps
+    pre, _ = curvature.lanczos_extremes(curvature.preconditioned(hessian, diag), x.params, k_pre, m.curvature_iters)
+    return lam_max, lam_min, trace, pre
 
 
 def _llc(x: Eval, c: Context):
@@ -198,6 +225,17 @@ MEASURES = (
                          Column("zero_loss_frac", "zero-loss share of training pairs"),
                          Column("nlm_cosine", "cos(−∇_z L, z − z̄)")),
             _numerics, on=False, later=True),
+    # The training loss's curvature (is the memorising solution flat or sharp?): off unless asked; at
+    # its cadence it costs about 2·iters + probes Hessian-vector products (each ~2 gradients).
+    Measure("curvature", (Column("hessian_max", "Hessian λ_max", event=Rule.PEAK),
+                          Column("hessian_min", "Hessian λ_min"),
+                          Column("hessian_trace", "Hessian trace", event=Rule.PEAK),
+                          Column("precond_sharpness", "λ_max of P⁻¹H (Adam)")),
+            _curvature, every="curvature_every", on=False, later=True, options=(
+                Option("curvature_every", int, 10, (lambda v: v >= 1, "must be ≥ 1 (evaluations between estimates)")),
+                Option("curvature_iters", int, 20, (lambda v: 2 <= v <= 500, "must be 2 to 500 (Lanczos steps)")),
+                Option("curvature_probes", int, 16, (lambda v: 1 <= v <= 4096, "must be 1 to 4096 (Hutchinson probes)")),
+                Option("curvature_batch_size", int, 0, (lambda v: v >= 0, "must be ≥ 0 (0 = the whole training set)")))),
 )
 
 MEASURE_COLUMNS = tuple(col for m in MEASURES for col in m.columns)
@@ -246,8 +284,9 @@ def build(static, model, table, loss: Callable, vectorize: bool = True) -> Calla
     cfg = static.measures
     on = [m for m in MEASURES if getattr(cfg, m.switch)]
     K = n_frequencies(static, table.n_symbols)
+    adam = static.train.optimizer in ("adamw", "adam")
     ctx = Context(cfg, jnp.asarray(fourier.basis(table.n_symbols)) if K else None, jnp.asarray(table.targets),
-                  loss, vectorize)
+                  loss, vectorize, static.train.beta2 if adam else None)
     nan = jnp.float32(jnp.nan)
 
     def measure(x: Eval):

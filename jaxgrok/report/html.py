@@ -125,6 +125,29 @@ _GROKFAST_COLS = ("grokfast_lambda", "grokfast_alpha", "n_runs", "n_grokked", "b
                   "median_t_val", "baseline_median_t_val", "speedup", "speedup_lo", "speedup_hi")
 
 
+def _or_dash(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _curvature_html(rows: list[dict], said: tuple[str, ...], keys: list[str]) -> str:
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{r[k]:g}</td>" for k in keys) + f"<td>{html.escape(r['measure'])}</td>"
+        + f"<td>{r['n_compared']} of {r['n_grokked']} grokked ({r['n_runs']} runs)</td><td>{r['n_higher_after']}</td>"
+        + f"<td>{_or_dash(r['median_ratio'], '.2f')}</td><td>{_ci(r['ratio_lo'], r['ratio_hi'])}</td>"
+        + f"<td>{_or_dash(r['sign_test_p'], '.2g')}</td></tr>" for r in rows)
+    return ("<h2>Curvature: is the memorising solution flat or sharp?</h2><p>Each measure at memorisation (t_train) "
+            "against 10 evaluations after grokking (t_val), paired within each run that grokked: the median ratio "
+            "after/before, a 95% interval from resampling seeds, and a sign test. Raw sharpness shrinks as the logits "
+            "grow, whatever the basin; P⁻¹H (Adam's preconditioned sharpness) and the LLC do not in that way. "
+            "(curvature.parquet)</p>"
+            f"<table><tr>{head}<th>measure</th><th>compared</th><th>higher after</th><th>median ratio</th>"
+            f"<th>95% CI</th><th>sign test p</th></tr>{body}</table>"
+            "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in said) + "</ul>")
+
+
 def _cells_html(rows: list[dict], keys: list[str]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys) + (
         "<th>runs</th><th>grokked (95% CI)</th><th>median t_val (95% CI)</th><th>median t_train</th>"
@@ -160,6 +183,7 @@ Runs that did not grok are right-censored at the budget (Kaplan–Meier); a medi
 {_perturbation_html(a.sensitivity)}
 {_grokfast_html(a.speedup)}
 {_warning_html(a.warning, a.keys)}
+{_curvature_html(a.flat_or_sharp, a.curvature_said, a.keys)}
 <h2>Notes</h2><ul>{"".join(f"<li>{html.escape(n)}</li>" for n in a.notes) or "<li>none</li>"}</ul>
 <h2>Figures</h2>{images}</body></html>"""
 
