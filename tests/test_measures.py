@@ -144,7 +144,7 @@ def test_measures_change_no_training_curve_by_a_bit(tiny_sweep):
     off = {"dist_from_init": False, "fourier": False, "circularity": False, "restricted_loss": False}
     sweep_off = tiny_sweep(train=train_cfg, measures=off)
     every = {m.switch: True for m in MEASURES}  # every measure of the table, the later ones included
-    sweep_on = tiny_sweep(train=train_cfg, measures={**every, "llc_every": 2, "llc_draws": 5})
+    sweep_on = tiny_sweep(train=train_cfg, measures={**every, "llc_every": 2, "llc_draws": 5, "curvature_every": 2})
     a, b = engine.train_sweep(sweep_off), engine.train_sweep(sweep_on)
     np.testing.assert_array_equal(_base(a), _base(b))
     assert np.isnan(a.curves["fourier_gini"]).all() and a.energies.shape == (6, 0)
@@ -166,7 +166,7 @@ def test_minibatch_runs_and_the_llc_are_chunking_independent(tiny_sweep):
 def test_measures_on_the_transformer_and_gromov(tiny_sweep):
     for model in ({"kind": "transformer", "d_model": 16, "n_heads": 2, "d_mlp": 32}, {"kind": "gromov", "d_hidden": 32}):
         sweep = tiny_sweep(model=model, task={"op": "x-y", "p": 13}, train={"steps": 100, "eval_every": 50},
-                           measures={"llc": True, "llc_draws": 3, "numerics": True},
+                           measures={"llc": True, "llc_draws": 3, "numerics": True, "curvature": True},
                            sweep={"seed": [0, 1], "weight_decay": 1.0, "learning_rate": 3e-3, "train_fraction": 0.5})
         r = engine.train_sweep(sweep)
         for name in COLUMNS:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -135,7 +136,7 @@ def _curvature(x: Eval, c: Context):
 
     m = c.cfg
     k_batch, k_lanczos, k_probes, k_pre = jax.random.split(jax.random.fold_in(x.key, CURVATURE_STREAM), 4)
-    hessian = curvature.hessian_matvec(lambda p: x.loss_on(p, k_batch, m.curvature_batch_size), x.params)
+    hessian = partial(curvature.hvp, lambda p: x.loss_on(p, k_batch, m.curvature_batch_size), x.params)
     lam_max, lam_min = curvature.lanczos_extremes(hessian, x.params, k_lanczos, m.curvature_iters)
     trace, _ = curvature.hutchinson_trace(hessian, x.params, k_probes, m.curvature_probes)
     if c.adam_beta2 is None:  # plain gradient descent has no preconditioner
@@ -144,7 +145,7 @@ def _curvature(x: Eval, c: Context):
     adam = curvature.adam_state(x.opt_state)
     correction = 1 - jnp.power(jnp.float32(c.adam_beta2), adam.count.astype(jnp.float32))
     diag = jax.tree.map(lambda nu: jnp.sqrt(nu / correction) + 1e-8, adam.nu)  # optax's eps
-    pre, _ = curvature.lanczos_extremes(curvature.preconditioned(hessian, diag), x.params, k_pre, m.curvature_iters)
+    pre, _ = curvature.lanczos_extremes(curvature.precond_matvec(hessian, diag), x.params, k_pre, m.curvature_iters)
     return lam_max, lam_min, trace, pre
 
 

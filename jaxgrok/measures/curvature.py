@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.flatten_util import ravel_pytree
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 in the reorthogonalisation on a GPU
@@ -76,7 +77,9 @@ def lanczos_extremes(matvec: Callable, params_like, key, iters: int) -> tuple[ja
         beta = beta.at[j].set(jnp.where(broke, 0.0, b))
         return Q.at[j + 1].set(nxt, mode="drop"), alpha, beta, norm_a  # the last step's q is not kept
 
-    init = (basis, jnp.zeros(m, dtype), jnp.zeros(m, dtype), jnp.zeros((), dtype))
+    # Zeros made from the start vector: inside shard_map they then vary over runs as the loop's outputs do.
+    zeros = jnp.zeros_like(q0, shape=(m,))
+    init = (basis, zeros, zeros, jnp.zeros_like(q0, shape=()))
     _, alpha, beta, _ = jax.lax.fori_loop(0, m, step, init)
     off = beta[:-1]
     ritz = jnp.linalg.eigvalsh(jnp.diag(alpha) + jnp.diag(off, 1) + jnp.diag(off, -1))
@@ -92,3 +95,12 @@ def hutchinson_trace(matvec: Callable, params_like, key, probes: int) -> tuple[j
     z = jax.random.rademacher(key, (probes, flat.size), flat.dtype)
     quad = jax.lax.map(lambda z: jnp.dot(z, ravel_pytree(matvec(unravel(z)))[0], precision=_HIGHEST), z)
     return quad.mean(), quad.std(ddof=1) / jnp.sqrt(jnp.asarray(probes, flat.dtype))
+
+
+def adam_state(opt_state) -> optax.ScaleByAdamState:
+    """The Adam moments inside an optax chain's state (the recipes' only ScaleByAdamState)."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+             if isinstance(x, optax.ScaleByAdamState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one Adam state in the optimizer state, found {len(found)}")
+    return found[0]
