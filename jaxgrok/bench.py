@@ -5,6 +5,8 @@ Contenders, interleaved within each repeat so that machine drift falls on all of
   like its peers;
 - jaxgrok_measures: the same with the default measures (as `jaxgrok run` does by default);
 - jaxgrok_llc: the default measures and the LLC at its default cadence;
+- jaxgrok_numerics: training alone plus the softmax numerics (every evaluation);
+- jaxgrok_curvature: training alone plus the curvature measures at their default cadence;
 - jax_loop: the engine's own program for one run, called once per run from a Python loop;
 - torch_loop: one PyTorch model after another, the way the reference implementations train;
 - torch_vmap: a torch.func ensemble (stack_module_state + vmap over functional_call).
@@ -26,11 +28,16 @@ import numpy as np
 from jaxgrok import engine, memory, tasks, train
 from jaxgrok.sweep import sweep_from_dict
 
-CONTENDERS = ("jaxgrok", "jaxgrok_measures", "jaxgrok_llc", "jax_loop", "torch_loop", "torch_vmap")
+CONTENDERS = ("jaxgrok", "jaxgrok_measures", "jaxgrok_llc", "jaxgrok_numerics", "jaxgrok_curvature", "jax_loop",
+              "torch_loop", "torch_vmap")
 MEASURES = {  # the [measures] table of each jaxgrok contender
     "jaxgrok": {"dist_from_init": False, "fourier": False, "circularity": False, "restricted_loss": False},
     "jaxgrok_measures": {},
     "jaxgrok_llc": {"llc": True},
+    "jaxgrok_numerics": {"dist_from_init": False, "fourier": False, "circularity": False, "restricted_loss": False,
+                         "numerics": True},
+    "jaxgrok_curvature": {"dist_from_init": False, "fourier": False, "circularity": False, "restricted_loss": False,
+                          "curvature": True},
 }
 
 WORKLOADS = {
