@@ -7,60 +7,109 @@ from scipy import stats
 
 from jaxgrok.analysis import variance
 
-TRUE = {"factor0": 0.09, "factor1": 0.04, "residual": 0.0625}  # seed, data_seed, residual (log units²)
+# seed (large, 35% of the total), data_seed (small, 5%), residual (log units²); the total is 1, so the
+# shares are the components.
+TRUE = {"factor0": 0.35, "factor1": 0.05, "residual": 0.60}
 TOTAL = sum(TRUE.values())
 
 
 def simulate(n_data, censored_fraction, rng, levels=(16, 16)):
     """Log grokking times of n_data sweeps, seed × data_seed crossed (as sweeps/seed_distribution),
-    right-censored at the budget that leaves `censored_fraction` of runs censored on average."""
+    right-censored at the budget that leaves `censored_fraction` of runs censored on average:
+    (grids [data, 1 cell, seeds, data seeds], censored, the budget as a grid)."""
     a = rng.normal(0, np.sqrt(TRUE["factor0"]), (n_data, levels[0], 1))
     b = rng.normal(0, np.sqrt(TRUE["factor1"]), (n_data, 1, levels[1]))
     y = np.log(2000) + a + b + rng.normal(0, np.sqrt(TRUE["residual"]), (n_data,) + levels)
     budget = np.log(2000) + np.sqrt(TOTAL) * stats.norm.ppf(1 - censored_fraction) if censored_fraction else np.inf
     censored = y > budget
-    return np.where(censored, budget, y)[:, None], censored[:, None]  # [data, 1 cell, seeds, data seeds]
+    return np.where(censored, budget, y)[:, None], censored[:, None], np.full((1,) + levels, budget)
 
 
-@pytest.mark.parametrize("censored_fraction", [0.0, 0.2, 0.4])
-def test_components_are_unbiased_with_censored_runs_included(censored_fraction):
+def unbiased(values, truth):
+    """Within 2 Monte-Carlo standard errors of the truth, or within 5% of it."""
+    return abs(values.mean() - truth) < max(2 * values.std() / np.sqrt(len(values)), 0.05 * truth)
+
+
+@pytest.mark.parametrize("levels", [(4, 4), (8, 8), (8, 16), (16, 16)])
+def test_components_are_unbiased_without_censoring(levels):
+    """The ANOVA estimate, not floored at 0: the small component unbiased even on 4 × 4, where flooring
+    made it +81% (8 × 8: +14%). 4000 sweeps resolve 5% of the large component and the residual."""
     rng = np.random.default_rng(0)
-    y, censored = simulate(1000, censored_fraction, rng)
-    assert abs(censored.mean() - censored_fraction) < 0.02
+    y, censored, _ = simulate(4000, 0.0, rng, levels)
     est = variance.fit(y, censored, rng)
     for k, truth in TRUE.items():
-        se = est[k].std() / np.sqrt(len(est[k]))
-        # Measured: the residual comes out 1.25% high at 40% censoring (3 standard errors over 1000
-        # sweeps of 256 runs), a finite-sample bias of the censored fit; the factors' are unbiased.
-        slack = 0.015 * truth if k == "residual" else 0.0
-        assert abs(est[k].mean() - truth) < 3 * se + slack, (k, est[k].mean(), truth, se)
-    if censored_fraction:  # the naive answer, censored runs dropped, is far off
-        grokked_only = np.array([np.var(yy[~cc]) for yy, cc in zip(y, censored)])
-        assert grokked_only.mean() < 0.8 * TOTAL
+        assert unbiased(est[k], truth), (k, est[k].mean(), truth)
 
 
-def test_cluster_bootstrap_intervals_cover_the_truth():
-    """300 simulated sweeps, 100 each with 0, 20 and 40% of runs censored; each factor's component
-    and share, and the residual, covered by the 95% interval in 88–99% of them."""
-    rng = np.random.default_rng(0)
-    n_data, n_boot = 100, 199
-    hits = {}
-    for fraction in (0.0, 0.2, 0.4):
-        y, censored = simulate(n_data, fraction, rng)
-        est = variance.fit(y, censored, rng)
-        grids = [variance.pigeonhole(variance.Design(y[d], censored[d], ["seed", "data_seed"]), n_boot, rng)
-                 for d in range(n_data)]
-        boot = variance.fit(np.concatenate([g[0] for g in grids]), np.concatenate([g[1] for g in grids]), rng)
-        boot_total = sum(boot[k] for k in TRUE).reshape(n_data, n_boot)
-        for k, truth in TRUE.items():
-            for kind, b, t in (("component", boot[k].reshape(n_data, n_boot), truth),
-                               ("share", boot[k].reshape(n_data, n_boot) / boot_total, truth / TOTAL)):
-                lo, hi = np.quantile(b, [0.025, 0.975], axis=1)
-                hits.setdefault((k, kind), []).extend((lo <= t) & (t <= hi))
-        assert np.isfinite(est["factor0"]).all()
-    coverage = {key: float(np.mean(v)) for key, v in hits.items()}
-    print(coverage)
-    assert all(0.88 <= c <= 0.99 for c in coverage.values()), coverage
+def _design(levels, censored_fraction):
+    """An empty seed × data_seed grid with that fraction of its runs censored (all `supported` reads)."""
+    censored = np.arange(np.prod(levels)).reshape((1,) + levels) < round(censored_fraction * np.prod(levels))
+    return variance.Design(np.zeros((1,) + levels), censored, ["seed", "data_seed"])
+
+
+def _bootstrapped(levels, fraction, n_data, n_boot, seed):
+    """Estimates and parametric-bootstrap replicates [n_data, n_boot] of simulated sweeps, one batch."""
+    rng = np.random.default_rng(seed)
+    y, censored, bound = simulate(n_data, fraction, rng, levels)
+    est = variance.fit(y, censored, rng)
+    boot = variance.fit(*variance.parametric(est, bound, n_boot, rng), rng)
+    boot = {k: v.reshape(n_data, n_boot) for k, v in boot.items() if k in TRUE}
+    return {k: est[k] for k in TRUE}, variance._simulated(est), boot
+
+
+@pytest.mark.parametrize("levels", [(8, 8), (8, 16), (16, 16)])
+def test_censored_components_are_bias_corrected_and_covered(levels):
+    """20% of runs censored, 200 sweeps of 99 bootstrap fits (rng seed 11, the measurement's, fixed a
+    priori): each component's bias-corrected estimate unbiased and its 95% interval covering the truth in
+    90–98% of sweeps; the shares' intervals only on 16 × 16. The test's bounds are the ones the 400-sweep
+    × 199-fit measurement meets (README's table; 16 × 16 at 20%, 800 sweeps: 95.2 / 91.4 / 95.1, shares
+    90.8 / 90.4 / 93.1). The 160-sweep × 79-fit sample at seed 1 used before gave 89.4 / 88.1 / 95.0 on
+    16 × 16: below the measurement by 1.5-3 Monte-Carlo SE, from the sample and from 79 fits' noisier
+    2.5% and 97.5% quantiles (not told apart). (The floored fit with the pigeonhole bootstrap
+    covered the small component in 98–100% with intervals 2× too wide. At 40% the small one's covers 88%
+    on 16 × 16: refused, below.)"""
+    est, sim, boot = _bootstrapped(levels, 0.2, 200, 99, seed=11)
+    design = _design(levels, 0.2)
+    multiple = dict(zip(["factor0", "factor1", "residual"], variance.residual_per_run(design).values()))
+    resid = (est["residual"], sim["residual"], boot["residual"])
+    boot_total = sum(boot.values())
+    coverage = {}
+    for k, truth in TRUE.items():
+        assert unbiased(variance.corrected(est[k], sim[k], boot[k]), truth), k
+        lo, hi = variance.component_interval(est[k], sim[k], boot[k], resid, multiple[k])
+        coverage[k] = np.mean((lo <= truth) & (truth <= hi))
+        lo, hi = np.quantile(boot[k] / boot_total, [0.025, 0.975], axis=1)
+        coverage[k + " share"] = np.mean((lo <= truth / TOTAL) & (truth / TOTAL <= hi))
+    print(levels, coverage)
+    assert all(0.90 <= coverage[k] <= 0.98 for k in TRUE), coverage
+    shares = [coverage[k + " share"] for k in TRUE]
+    if variance.supported(design, "share") is None:
+        assert all(0.90 <= c <= 0.98 for c in shares), coverage
+    else:
+        assert levels[0] < 16 and not all(0.90 <= c <= 0.98 for c in shares), coverage
+
+
+def test_small_censored_designs_are_refused():
+    """4 × 4 with 40% censored: the censored fit drifts far up (the residual by ≥ 20%), so `supported`
+    refuses it (as any 4 × 4 with censoring); uncensored 4 × 4 is unbiased and its components' intervals
+    given; the shares need 16 levels of every seed. Over 25% censored the components' intervals are
+    refused (16 × 16 at 40%: the small one's covered 88.2% of 800 simulated sweeps), the shares' kept on
+    16 × 16 (91-92%) up to the 40% simulated, and nothing is given beyond."""
+    rng = np.random.default_rng(2)
+    y, censored, _ = simulate(3000, 0.4, rng, (4, 4))
+    est = variance.fit(y, censored, rng)
+    assert est["residual"].mean() > 1.2 * TRUE["residual"]
+    assert "4 levels of seed" in variance.supported(_design((4, 4), 0.2))
+    assert variance.supported(_design((4, 4), 0.0)) is None
+    assert variance.supported(_design((8, 16), 0.2)) is None
+    assert "8 levels of seed" in variance.supported(_design((8, 16), 0.0), "share")
+    assert variance.supported(_design((16, 16), 0.2), "share") is None
+    assert "40% of runs censored" in variance.supported(_design((16, 16), 0.4))
+    assert "30% of runs censored" in variance.supported(_design((8, 16), 0.3))
+    assert variance.supported(_design((16, 16), 0.25)) is None
+    assert variance.supported(_design((16, 16), 0.4), "share") is None
+    assert "8 levels of seed" in variance.supported(_design((8, 16), 0.4), "share")
+    assert "not backed" in variance.supported(_design((16, 16), 0.5), "share")
 
 
 def test_one_factor_grid_and_its_rows():

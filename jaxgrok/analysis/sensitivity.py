@@ -77,7 +77,7 @@ def _perturbation_share(components: dict) -> np.ndarray:
 def perturbation_map(cols, n_resamples: int = 199, seed: int = 0) -> tuple[list[dict], list[str]]:
     """Per perturbation size ε: the share of the variance of log t_val that lies among perturbations
     of one base initialization (noise seeds) rather than across base initializations (the other
-    seeds), censoring-aware with a pigeonhole-bootstrap interval; and Spearman ρ between each
+    seeds), censoring-aware with a parametric-bootstrap percentile interval; and Spearman ρ between each
     perturbed run and its unperturbed base (ε = 0), with an interval from resampling base seeds."""
     rows, notes = [], []
     eps = cols["init_noise"]
@@ -98,9 +98,13 @@ def perturbation_map(cols, n_resamples: int = 199, seed: int = 0) -> tuple[list[
             notes.append(f"init_noise = {e:g}: {design}.")
             continue
         est, boot, _ = variance.estimate(design, n_resamples, seed)
-        lo, hi = variance.interval(_perturbation_share(boot))
+        refused = variance.supported(design)
+        lo, hi = (np.nan, np.nan) if refused else variance.interval(_perturbation_share(boot))
+        if refused:
+            notes.append(f"init_noise = {e:g}: {refused}")
         rows.append({"measure": "perturbation_share_log_t_val", "factor": "among perturbations of one base initialization",
-                     "estimate": float(_perturbation_share(est)[0]), "ci_lo": lo, "ci_hi": hi, "n": len(runs), "init_noise": float(e)})
+                     "estimate": float(_perturbation_share(est)[0]), "ci_lo": lo, "ci_hi": hi, "n": len(runs),
+                     "init_noise": float(e), "note": refused})
         # Rank correlation with the unperturbed run of the same base (and the same other cell values).
         zero = {(base[i], *[cols[k][i] for k in others]): t[i] for i in np.nonzero(eps == 0)[0]}
         pairs = [(zero.get((base[i], *[cols[k][i] for k in others])), t[i], base[i]) for i in runs]
@@ -119,11 +123,25 @@ def perturbation_map(cols, n_resamples: int = 199, seed: int = 0) -> tuple[list[
     return rows, notes
 
 
+def _withheld(rows: list[dict], design, notes: list[str]) -> list[dict]:
+    """Rows of variance.components with the intervals variance.supported does not back withheld (the
+    estimates stay) and its sentence in their `note` and, once, in the notes."""
+    out = []
+    for measure, kind in (("variance_component_log_t_val", "component"), ("variance_share_log_t_val", "share")):
+        refused = variance.supported(design, kind)
+        if refused and refused not in [n.removeprefix("Variance components: ") for n in notes]:
+            notes.append(f"Variance components: {refused}")
+        out += [r | ({"ci_lo": np.nan, "ci_hi": np.nan} if refused else {}) | {"note": refused}
+                for r in rows if r["measure"] == measure]
+    return out
+
+
 def sensitivity(cols: dict, keys: list[str], n_resamples: int = 199, seed: int = 0) -> tuple[list[dict], list[str]]:
     """Censoring-aware variance components of log t_val (analysis/variance.py) for the cells and every seed
     that varies; rank correlations between cells sharing seeds; and, where init_noise varies, the
-    perturbation map. Returns rows (measure, factor, estimate, ci_lo, ci_hi, n, init_noise) and
-    sentences for the report."""
+    perturbation map. Returns rows (measure, factor, estimate, ci_lo, ci_hi, n, init_noise, note) and
+    sentences for the report; `note` is variance.supported's sentence where the design is too small
+    for the intervals (then withheld), else None."""
     rows, notes = [], []
     ids, uniq = cell_ids(cols, keys)
     factors = random_factors(cols)
@@ -134,7 +152,7 @@ def sensitivity(cols: dict, keys: list[str], n_resamples: int = 199, seed: int =
         notes.append(f"Variance components: {design}.")
     else:
         try:
-            rows += [r | {"init_noise": None} for r in variance.components(design, n_resamples, seed)]
+            rows += [r | {"init_noise": None} for r in _withheld(variance.components(design, n_resamples, seed), design, notes)]
         except ValueError as e:  # no residual degrees of freedom
             notes.append(f"Variance components: {e}.")
     rows += rank_correlations(cols, keys, ids, uniq)
@@ -146,7 +164,7 @@ def sensitivity(cols: dict, keys: list[str], n_resamples: int = 199, seed: int =
 
 SENSITIVITY_SCHEMA = pa.schema([("measure", pa.string()), ("factor", pa.string()), ("estimate", pa.float64()),
                                 ("ci_lo", pa.float64()), ("ci_hi", pa.float64()), ("n", pa.int64()),
-                                ("init_noise", pa.float64())])
+                                ("init_noise", pa.float64()), ("note", pa.string())])
 
 
 def sensitivity_table(rows: list[dict], resolved: dict) -> pa.Table:

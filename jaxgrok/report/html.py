@@ -58,11 +58,14 @@ VARIANCE_METHOD = """Each run's log grokking time is modelled as a cell mean plu
 that varies (independent, crossed) plus a normal residual (which holds the interactions), and a run that did not grok
 is right-censored at the budget: a Tobit linear mixed model. The components are fitted by a stochastic-approximation EM
 on the complete grid of cells × seed levels: censored log times are drawn from their normal truncated at the budget
-given the current effects, and the components re-estimated by the ANOVA equations (unbiased, REML for a balanced grid);
-without censoring this is exactly the ANOVA estimate. The cells' component is the variance of the cell means.
-Intervals: percentile, from a pigeonhole bootstrap that resamples each seed's levels (not runs), 199 times.
-Assumptions: normal effects on the log scale (a log-normal grokking time), independent seeds, a common residual
-variance in every cell. Validated on simulated sweeps with 0–40% of runs censored (tests/test_variance.py)."""
+given the current effects, and the components re-estimated by the ANOVA equations, not floored at 0 (so a small
+component is not biased upward; an estimate below 0 means it cannot be told from 0 here); without censoring this is
+exactly the ANOVA estimate. The cells' component is the variance of the cell means. A parametric bootstrap (199 sweeps
+drawn from the fitted model, censored at the same budgets) corrects the estimates' bias and gives the intervals: for a
+component, the basic interval on the log scale of its mean square; for a share, percentile. Assumptions: normal
+effects on the log scale (a log-normal grokking time), independent seeds, a common residual variance in every cell.
+Validated on simulated 4 × 4 to 16 × 16 seed grids with 0–40% of runs censored (README, tests/test_variance.py);
+where the design is too small for that, the intervals are withheld and the reason is below the table."""
 
 
 def _variance_html(sens_rows) -> str:
@@ -70,13 +73,15 @@ def _variance_html(sens_rows) -> str:
     share = {r["factor"]: r for r in sens_rows if r["measure"] == "variance_share_log_t_val"}
     if not comp:
         return ""
+    said = dict.fromkeys(r.get("note") for r in [*comp.values(), *share.values()] if r.get("note"))
+    withheld = "".join(f"<p><i>Not shown: {html.escape(n)}</i></p>" for n in said)
     body = "".join(
         f"<tr><td>{html.escape(f)}</td><td>{c['estimate']:.3f}</td><td>{_ci(c['ci_lo'], c['ci_hi'], '{:.3f}')}</td>"
-        f"<td>{np.sqrt(c['estimate']):.2f}</td><td>{share[f]['estimate']:.0%}</td>"
+        f"<td>{np.sqrt(max(c['estimate'], 0.0)):.2f}</td><td>{share[f]['estimate']:.0%}</td>"
         f"<td>{_ci(share[f]['ci_lo'], share[f]['ci_hi'], '{:.0%}')}</td></tr>" for f, c in comp.items())
     return (f"<h2>What explains the spread of log t_val</h2><p>{VARIANCE_METHOD}</p><table><tr><th>source</th>"
             "<th>variance (log steps²)</th><th>95% CI</th><th>sd (log steps)</th><th>share</th><th>95% CI</th></tr>"
-            f"{body}</table>")
+            f"{body}</table>{withheld}")
 
 
 def _perturbation_html(sens_rows) -> str:
