@@ -94,18 +94,19 @@ def sentences(rows: list[dict], keys: list[str]) -> list[str]:
             continue
         higher, n = r["n_higher_after"], r["n_compared"]
         way = "higher" if 2 * higher > n else "lower" if 2 * higher < n else "neither higher nor lower"
-        ci = "" if r["ratio_lo"] is None else f", 95% CI {r['ratio_lo']:.2f}–{r['ratio_hi']:.2f}"
+        ci = "" if r["ratio_lo"] is None else f", 95% CI {r['ratio_lo']:.3g}–{r['ratio_hi']:.3g}"
         p = "" if r["sign_test_p"] is None else f"; sign test p = {r['sign_test_p']:.2g}"
         out.append(f"{where}: {label} {way} after grokking than at memorisation in {max(higher, n - higher)} of {n} runs "
-                   f"(median ratio {r['median_ratio']:.2f}{ci}{p}).")
-        if r["sign_test_p"] is not None and r["sign_test_p"] < 0.05:
-            verdict.setdefault(where, {})[r["measure"]] = way
+                   f"(median ratio {r['median_ratio']:.3g}{ci}{p}).")
+        # A verdict: the sign test at 5%, else "no clear change".
+        verdict.setdefault(where, {})[r["measure"]] = way if r["sign_test_p"] is not None and r["sign_test_p"] < 0.05 else None
     for where, v in verdict.items():
-        raw, aware = v.get("hessian_max"), v.get("precond_sharpness") or v.get("llc")
-        if raw and aware and raw != aware:
-            out.append(f"{where}: raw sharpness and the scale-aware measures disagree (λ_max {raw}, "
-                       f"{'P⁻¹H' if 'precond_sharpness' in v else 'the LLC'} {aware}): read the raw one with the "
-                       "logits' growth in mind.")
+        raw = v.get("hessian_max")
+        for aware, name in (("precond_sharpness", "Adam's preconditioned sharpness P⁻¹H"), ("llc", "the LLC")):
+            if raw and aware in v and v[aware] != raw:
+                said = f"is {v[aware]}" if v[aware] else "shows no clear change"
+                out.append(f"{where}: raw sharpness is {raw} after grokking but {name} {said}: with cross-entropy "
+                           "the Hessian shrinks as the logits grow, whatever the basin, so read the raw measure with that in mind.")
     return out
 
 

@@ -228,9 +228,9 @@ MEASURES = (
             _numerics, on=False, later=True),
     # The training loss's curvature (is the memorising solution flat or sharp?): off unless asked; at
     # its cadence it costs about 2·iters + probes Hessian-vector products (each ~2 gradients).
-    Measure("curvature", (Column("hessian_max", "Hessian λ_max", event=Rule.PEAK),
+    Measure("curvature", (Column("hessian_max", "Hessian λ_max", event=Rule.PEAK, log_scaled=True),
                           Column("hessian_min", "Hessian λ_min"),
-                          Column("hessian_trace", "Hessian trace", event=Rule.PEAK),
+                          Column("hessian_trace", "Hessian trace", event=Rule.PEAK, log_scaled=True),
                           Column("precond_sharpness", "λ_max of P⁻¹H (Adam)")),
             _curvature, every="curvature_every", on=False, later=True, options=(
                 Option("curvature_every", int, 10, (lambda v: v >= 1, "must be ≥ 1 (evaluations between estimates)")),

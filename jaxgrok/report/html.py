@@ -141,7 +141,7 @@ def _curvature_html(rows: list[dict], said: tuple[str, ...], keys: list[str]) ->
     body = "".join(
         "<tr>" + "".join(f"<td>{r[k]:g}</td>" for k in keys) + f"<td>{html.escape(r['measure'])}</td>"
         + f"<td>{r['n_compared']} of {r['n_grokked']} grokked ({r['n_runs']} runs)</td><td>{r['n_higher_after']}</td>"
-        + f"<td>{_or_dash(r['median_ratio'], '.2f')}</td><td>{_ci(r['ratio_lo'], r['ratio_hi'])}</td>"
+        + f"<td>{_or_dash(r['median_ratio'], '.3g')}</td><td>{_ci(r['ratio_lo'], r['ratio_hi'], '{:.3g}')}</td>"
         + f"<td>{_or_dash(r['sign_test_p'], '.2g')}</td></tr>" for r in rows)
     return ("<h2>Curvature: is the memorising solution flat or sharp?</h2><p>Each measure at memorisation (t_train) "
             "against 10 evaluations after grokking (t_val), paired within each run that grokked: the median ratio "
