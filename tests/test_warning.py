@@ -61,7 +61,7 @@ def grokked_dir(tmp_path_factory):
     assert main(["run", "sweeps/quickstart.toml", "--out", str(out), "--quiet", "--set", "steps=2000",
                  "--set", "chunk_steps=1000", "--set", "seed={count=6}", "--set", "data_seed={count=6}",
                  "--set", "weight_decay=1.0", "--set", "llc=true", "--set", "llc_every=8",
-                 "--set", "llc_draws=20"]) == 0
+                 "--set", "llc_draws=20", "--set", "curvature=true", "--set", "curvature_every=8"]) == 0
     return out
 
 
