@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-from jaxgrok import grokking, measures, memory, results, train
+from jaxgrok import grokking, measures, memory, results, tasks, train
 from jaxgrok.store import Interrupted, Store
 from jaxgrok.sweep import Sweep, SweepError, said_differences
 
@@ -83,10 +83,12 @@ def _abstract(state, curves: np.ndarray, sharding):
     return {"state": shapes, "curves": jax.ShapeDtypeStruct(curves.shape, curves.dtype, sharding=sharding)}
 
 
-def _runs_table(sweep, index, curves, outcomes, energies):
+def _runs_table(sweep, index, curves, outcomes, energies, energies0):
     share = sweep.static.measures.key_freq_share
     key_freqs = measures.key_frequencies(energies, share) if sweep.static.measures.fourier else None
-    return results.runs_table(sweep, index, outcomes, {m: c[:, -1] for m, c in curves.items()}, key_freqs)
+    p = tasks.sizes(sweep.static.task).n_symbols
+    ticket = measures.initial_key_share(energies0, key_freqs, p) if key_freqs is not None else None
+    return results.runs_table(sweep, index, outcomes, {m: c[:, -1] for m, c in curves.items()}, key_freqs, ticket)
 
 
 def _batch_hparams(sweep: Sweep, rows: np.ndarray, per_batch: int, program: train.Program):
@@ -164,14 +166,14 @@ def train_sweep(
     b = 0
     while b < len(plan.batches):
         try:
-            curves, rows, energies = _train_batch(ctx, compiled, plan, tally, b)
+            curves, rows, energies, energies0 = _train_batch(ctx, compiled, plan, tally, b)
         except Exception as error:  # XLA's out-of-memory error has no class of its own
             if not memory.out_of_memory(error) or compiled.per_batch == ctx.program.sharding.mesh.size:
                 raise
             compiled, plan, seconds = _halved(ctx, compiled, plan, b)
             compile_s += seconds
             continue
-        _batch_done(ctx, tally, curves, rows, energies, len(plan.batches[b]))
+        _batch_done(ctx, tally, curves, rows, (energies, energies0), len(plan.batches[b]))
         b += 1
     return _result(ctx, tally, compile_s, compiled)
 
@@ -282,8 +284,10 @@ def _train_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, tally: _Tally,
         _collect(ctx, tally, batch, len(plan.batches), *pending)
     pos, energies = _local(state.energies)  # the final spectrum: each run's key frequencies
     energies = energies[:, :measures.n_frequencies(ctx.sweep.static, ctx.program.table.n_symbols)]  # not the placeholder
-    mine = batch.mine
-    return batch.curves[mine], batch.rows[mine], energies[np.isin(pos, mine)]  # with several processes, each keeps its own
+    spectrum0 = ctx.program.spectrum0
+    energies0 = _local(spectrum0(state.params0))[1] if spectrum0 else np.zeros_like(energies)  # step 0's, of the same runs
+    mine = np.isin(pos, batch.mine)  # with several processes, each keeps its own
+    return batch.curves[batch.mine], batch.rows[batch.mine], energies[mine], energies0[mine]
 
 
 def _begin_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, b: int) -> tuple[_Batch, train.RunState, int]:
@@ -346,13 +350,15 @@ def _halved(ctx: _Context, compiled: _Compiled, plan: _Plan, b: int) -> tuple[_C
     return _Compiled(per_batch, init, chunk, need), _Plan(batches, False), seconds
 
 
-def _batch_done(ctx: _Context, tally: _Tally, curves, rows, energies, n_runs: int) -> None:
-    """Keep a finished batch's runs, and with a store commit them as part files."""
+def _batch_done(ctx: _Context, tally: _Tally, curves, rows, spectra, n_runs: int) -> None:
+    """Keep a finished batch's runs, and with a store commit them as part files. `spectra`: the runs'
+    final and initial embedding spectra."""
+    energies, energies0 = spectra
     if ctx.store is not None:
         sweep, steps = ctx.sweep, ctx.steps
         named = {m: curves[..., i] for i, m in enumerate(train.METRICS)}
         outcomes = grokking.analyse(named, steps, sweep.static.grokking)
-        ctx.store.write_batch(_runs_table(sweep, rows, named, outcomes, energies),
+        ctx.store.write_batch(_runs_table(sweep, rows, named, outcomes, energies, energies0),
                               results.curves_table(rows, steps, named, sweep.resolved, [sweep.run_hashes[i] for i in rows]))
     tally.curves.append(curves)
     tally.energies.append(energies)

@@ -42,7 +42,12 @@ RUNS_SCHEMA = pa.schema([
     ("final_val_acc", pa.float32()),
     ("final_weight_norm", pa.float32()),
     ("key_freqs", pa.list_(pa.int32())),  # null: Fourier measures off or not applicable
+    # The lottery ticket: the share of the step-0 embedding's non-constant energy in the run's final key
+    # frequencies, and that share's expectation for a random embedding (key frequencies / K).
+    ("init_key_share", pa.float32()),
+    ("init_key_share_random", pa.float32()),
 ])
+LATER_RUNS_COLUMNS = ("init_key_share", "init_key_share_random")  # null in tables written before them
 
 # One row per run and evaluation; the columns after the step are declared in jaxgrok/measures (the
 # progress measures null where off, not applicable, or not evaluated then).
@@ -95,6 +100,9 @@ def upgrade_runs(table: pa.Table) -> pa.Table:
     for axis, default in LATER_AXES.items():
         if axis not in table.column_names:
             table = table.append_column(axis, pa.array(np.full(n, default), RUNS_SCHEMA.field(axis).type))
+    for name in LATER_RUNS_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(n, RUNS_SCHEMA.field(name).type))
     return table.select(RUNS_SCHEMA.names)
 
 
@@ -118,9 +126,11 @@ def outcome_columns(outcomes: dict[str, np.ndarray]) -> dict[str, pa.Array]:
     }
 
 
-def runs_table(sweep, index, outcomes, finals, key_freqs=None) -> pa.Table:
+def runs_table(sweep, index, outcomes, finals, key_freqs=None, ticket=None) -> pa.Table:
     """One row per run. `index`: the runs' positions in the sweep; `outcomes`: grokking.analyse();
-    `finals`: the last evaluation's metrics, name -> [runs]; `key_freqs`: a list per run, or None."""
+    `finals`: the last evaluation's metrics, name -> [runs]; `key_freqs`: a list per run, or None;
+    `ticket`: (init_key_share, its random expectation) per run, or None."""
+    share, random_share = ticket if ticket is not None else (np.full(len(index), np.nan),) * 2
     cols = {
         "run_id": pa.array(index, pa.int32()),
         "run_hash": pa.array([sweep.run_hashes[i] for i in index], pa.string()),
@@ -132,6 +142,8 @@ def runs_table(sweep, index, outcomes, finals, key_freqs=None) -> pa.Table:
         **{f"final_{m}": pa.array(finals[m], pa.float32()) for m in
            ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")},
         "key_freqs": pa.array(key_freqs if key_freqs is not None else [None] * len(index), pa.list_(pa.int32())),
+        "init_key_share": _nullable(share, pa.float32()),
+        "init_key_share_random": _nullable(random_share, pa.float32()),
     }
     return pa.Table.from_pydict(cols, schema=RUNS_SCHEMA.with_metadata(metadata("runs", sweep.resolved)))
 
@@ -248,7 +260,7 @@ def read(path: str | Path, kind: str) -> pa.Table:
     except (ValueError, TypeError, AttributeError) as e:  # invalid JSON, or not a sweep
         message = str(e) if isinstance(e, SweepError) else f"{path}: metadata jaxgrok.sweep is not a sweep ({e})"
         raise ResultsError(message) from None
-    later = {"precision", "batch_seed", *LATER_AXES}  # upgrade_runs adds them to older tables
+    later = {"precision", "batch_seed", *LATER_AXES, *LATER_RUNS_COLUMNS}  # upgrade_runs adds them to older tables
     needed = {"runs": [n for n in RUNS_SCHEMA.names if n not in later], "curves": CURVES_SCHEMA.names[:7]}.get(kind, [])
     if missing := [n for n in needed if n not in table.column_names]:
         raise ResultsError(f"{path}: missing the columns {', '.join(missing)}")

@@ -61,6 +61,7 @@ class Program(NamedTuple):
     table: tasks.Table
     sharding: NamedSharding
     evals_per_chunk: int
+    spectrum0: Callable | None = None  # params0 -> float32[runs, K]: the step-0 embedding's spectrum (None: K = 0)
 
 
 def hparams_for(sweep: Sweep, index: np.ndarray) -> Hparams:
@@ -122,7 +123,18 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None, ev
     init = jax.jit(jax.vmap(partial(init_run, s)), in_shardings=runs, out_shardings=runs)
     sharded = _over_devices(partial(chunk_run, s, n_evals), mesh, vectorize)
     chunk = jax.jit(sharded, in_shardings=(runs, runs, replicated), out_shardings=(runs, runs), donate_argnums=0)
-    return Program(init, chunk, s.model, s.table, runs, n_evals)
+    return Program(init, chunk, s.model, s.table, runs, n_evals, _spectrum0(s, runs))
+
+
+def _spectrum0(s: Setup, runs: NamedSharding) -> Callable | None:
+    """The Fourier spectrum of each run's initial embedding (the lottery ticket: is the circuit there
+    at step 0?), jitted over a run-sharded batch of initial parameters; None without a spectrum."""
+    if not s.n_freqs:
+        return None
+    from jaxgrok.measures import fourier
+
+    basis = jnp.asarray(fourier.basis(s.table.n_symbols))
+    return jax.jit(jax.vmap(lambda p: fourier.energies(s.model.embedding(p), basis)), in_shardings=runs, out_shardings=runs)
 
 
 class Setup(NamedTuple):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pyarrow.parquet as pq
 import pytest
 from scipy import integrate
 
@@ -210,3 +211,37 @@ def test_the_llc_on_the_vmapped_accelerator_path(tiny_sweep):
     vmapped = engine.train_sweep(sweep, vectorize=True)
     for name in COLUMNS:
         np.testing.assert_allclose(vmapped.curves[name], mapped.curves[name], rtol=2e-3, atol=1e-4, err_msg=name)
+
+
+def test_initial_key_share_and_its_random_expectation():
+    from jaxgrok.measures import initial_key_share
+
+    energies0 = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    share, random = initial_key_share(energies0, [[4, 1], [2], []], p=9)
+    np.testing.assert_allclose(share[:2], [0.5, 0.25])
+    np.testing.assert_allclose(random[:2], [0.5, 0.25])
+    assert np.isnan(share[2]) and np.isnan(random[2])  # no key frequencies: no ticket
+    _, random = initial_key_share(np.ones((1, 4)), [[4]], p=8)  # even p: k = 4 has a cosine only
+    np.testing.assert_allclose(random, [0.5 / 3.5])
+
+
+def test_the_ticket_is_the_step_0_embeddings_share_in_the_final_key_frequencies(tiny_sweep, tmp_path):
+    from jaxgrok import models, tasks
+    from jaxgrok.cli import main
+    from jaxgrok.measures import fourier
+
+    sweep = tiny_sweep(train={"steps": 100, "eval_every": 50, "chunk_steps": 100, "max_runs_per_batch": 8})
+    out = tmp_path / "out"
+    from conftest import make_raw, write_raw
+    path = write_raw(tmp_path / "s.toml", make_raw(train={"steps": 100, "eval_every": 50, "chunk_steps": 100,
+                                                          "max_runs_per_batch": 8}))
+    assert main(["run", str(path), "--out", str(out), "--quiet", "--no-analyze"]) == 0
+    runs = pq.read_table(out / "runs.parquet").to_pandas()
+    table = tasks.make_table(sweep.static.task)
+    model = models.build(sweep.static.model, table.n_symbols, table.n_classes)
+    basis = jnp.asarray(fourier.basis(table.n_symbols))
+    for run in (0, 3):
+        energy = np.asarray(fourier.energies(model.embedding(engine.params_at(sweep, run, [0])[0]), basis), np.float64)
+        keys = np.asarray(runs.key_freqs[run]) - 1
+        assert np.isclose(runs.init_key_share[run], energy[keys].sum() / energy.sum(), rtol=1e-5)
+        assert np.isclose(runs.init_key_share_random[run], len(keys) / len(energy))

@@ -163,7 +163,25 @@ def analyse(cols: dict, curves: pa.Table, cell: np.ndarray, k: int = 10, n_resam
             lo, hi = c_interval(args, n_resamples, seed) if n_pairs and len(np.unique(args[0])) > 1 else (np.nan, np.nan)
             conc_rows.append({"measure": name, "moment": label, "c_index": c, "ci_lo": lo, "ci_hi": hi,
                               "n_runs": int(use.sum()), "n_pairs": n_pairs, "baseline": name == BASELINE})
+    conc_rows += _ticket_concordance(cols, cell, grokked, budget, n_resamples, seed)
     return event_rows, conc_rows, present, steps
+
+
+def _ticket_concordance(cols: dict, cell, grokked, budget, n_resamples: int, seed: int) -> list[dict]:
+    """Does a strong initial ticket grok sooner? Harrell's C of the step-0 embedding's excess share in
+    the run's final key frequencies (init_key_share less its random expectation) against t_val,
+    every run at risk (censored ones as censored)."""
+    if "init_key_share" not in cols:
+        return []
+    risk = np.asarray(cols["init_key_share"], float) - np.asarray(cols["init_key_share_random"], float)
+    use = np.isfinite(risk)
+    if use.sum() < 4:
+        return []
+    args = (risk[use], np.where(grokked, cols["t_val"], budget)[use], grokked[use], cell[use])
+    c, n_pairs = concordance(*args)
+    lo, hi = c_interval(args, n_resamples, seed) if n_pairs and len(np.unique(args[0])) > 1 else (np.nan, np.nan)
+    return [{"measure": "init_key_share", "moment": "step 0", "c_index": c, "ci_lo": lo, "ci_hi": hi,
+             "n_runs": int(use.sum()), "n_pairs": n_pairs, "baseline": False}]
 
 
 def lead_time_stats(event_rows: list[dict], cols: dict, keys: list[str], ids: np.ndarray, uniq: np.ndarray) -> list[dict]:

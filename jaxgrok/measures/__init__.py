@@ -306,6 +306,26 @@ def build(static, model, table, loss: Callable, vectorize: bool = True) -> Calla
     return measure
 
 
+def initial_key_share(energies0: np.ndarray, key_freqs: list[list[int]], p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host side, the lottery ticket: per run, the share of its step-0 embedding's non-constant energy
+    [runs, K] that lies in its final key frequencies (1..K), and what that share is expected to be
+    for a random embedding, whose energy spreads evenly over the K frequencies (n_key / K; for even p
+    the last frequency has one direction, not two: its weight is half)."""
+    energies0 = np.asarray(energies0, np.float64)
+    K = energies0.shape[1]
+    weight = np.ones(K)
+    if p % 2 == 0:  # the sine of k = p/2 vanishes on the residues: one direction there, not two
+        weight[-1] = 0.5
+    share, random = np.full(len(key_freqs), np.nan), np.full(len(key_freqs), np.nan)
+    for i, keys in enumerate(key_freqs):
+        total = energies0[i].sum()
+        if keys and total > 0 and np.isfinite(total):
+            idx = np.asarray(keys) - 1
+            share[i] = energies0[i, idx].sum() / total
+            random[i] = weight[idx].sum() / weight.sum()
+    return share, random
+
+
 def key_frequencies(energies: np.ndarray, share: float) -> list[list[int]]:
     """Host side: each run's final key frequencies from its energies [runs, K]."""
     from jaxgrok.measures import fourier
