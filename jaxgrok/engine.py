@@ -9,6 +9,7 @@ SIGINT, and a restarted sweep picks up exactly where the last checkpoint left it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import sys
 import time
@@ -83,6 +84,15 @@ def _abstract(state, curves: np.ndarray, sharding):
     return {"state": shapes, "curves": jax.ShapeDtypeStruct(curves.shape, curves.dtype, sharding=sharding)}
 
 
+def _in_precision(fn):
+    """`fn(sweep, ...)` inside its sweep's precision context (train.x64)."""
+    @functools.wraps(fn)
+    def wrapped(sweep, *args, **kwargs):
+        with train.x64(sweep.static):
+            return fn(sweep, *args, **kwargs)
+    return wrapped
+
+
 def _runs_table(sweep, index, curves, outcomes, energies, energies0):
     share = sweep.static.measures.key_freq_share
     key_freqs = measures.key_frequencies(energies, share) if sweep.static.measures.fourier else None
@@ -155,6 +165,11 @@ def train_sweep(
     `devices` and `vectorize` go to train.make_program. With a `store`, runs it already holds are
     skipped, progress is checkpointed, and Interrupted is raised after a checkpoint on a signal.
     A batch that runs out of device memory is halved and trained again (nothing finished is lost)."""
+    return _train_sweep(sweep, index, devices, on_chunk, vectorize, store)
+
+
+@_in_precision
+def _train_sweep(sweep, index, devices, on_chunk, vectorize, store) -> SweepResult:
     index = np.arange(sweep.n_runs) if index is None else np.asarray(index)
     ctx = _Context(sweep, train.make_program(sweep.static, devices, vectorize), store, on_chunk, devices, vectorize)
     start = time.perf_counter()
@@ -377,6 +392,7 @@ def _result(ctx: _Context, tally: _Tally, compile_s: float, compiled: _Compiled)
                        time.perf_counter() - tally.start, compiled.per_batch, compiled.need)
 
 
+@_in_precision
 def params_at(sweep: Sweep, run: int, steps) -> dict[int, dict]:
     """{step: parameters} of one run of a sweep after each of `steps` (0 or multiples of
     eval_every), retrained alone on one device with the measures off (they do not touch training):
@@ -399,6 +415,7 @@ def params_at(sweep: Sweep, run: int, steps) -> dict[int, dict]:
     return out
 
 
+@_in_precision
 def dry_run(sweep: Sweep, devices=None, vectorize: bool | None = None) -> dict:
     """What `jaxgrok run` would do, with nothing written: the batches it would train (sized as the
     run sizes them), the memory they need, and an estimate of the training time from one timed

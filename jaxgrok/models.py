@@ -139,8 +139,8 @@ def mlp(cfg, n_symbols: int, n_classes: int) -> Model:
     def init(key):
         k = jax.random.split(key, 6)
         params = {
-            "embed_a": jax.random.normal(k[0], (n_symbols, d)),  # nn.Embedding: N(0, 1)
-            "embed_b": jax.random.normal(k[1], (n_symbols, d)),
+            "embed_a": jax.random.normal(k[0], (n_symbols, d), jnp.float32),  # nn.Embedding: N(0, 1)
+            "embed_b": jax.random.normal(k[1], (n_symbols, d), jnp.float32),
             "w1": _uniform(k[2], (2 * d, h), 2 * d),
             "b1": _uniform(k[3], (h,), 2 * d),
             "w2": _uniform(k[4], (h, n_classes), h),
@@ -207,7 +207,7 @@ def transformer(cfg, n_symbols: int, n_classes: int) -> Model:
     def init(key):
         # Nanda et al.'s initialization: Gaussian with std 1/sqrt(d_model) (unembed: 1/sqrt(vocab)).
         keys = iter(jax.random.split(key, 3 + 6 * L))
-        normal = lambda shape, fan: jax.random.normal(next(keys), shape) / fan**0.5  # noqa: E731
+        normal = lambda shape, fan: jax.random.normal(next(keys), shape, jnp.float32) / fan**0.5  # noqa: E731
         params = {
             "embed": normal((vocab, d), d),
             "pos": normal((n_ctx, d), d),
@@ -280,8 +280,8 @@ def gromov(cfg, n_symbols: int, n_classes: int) -> Model:
     def init(key):
         k1, k2 = jax.random.split(key)
         return {
-            "w1": jax.random.normal(k1, (2 * n_symbols, n)) / (2 * n_symbols) ** 0.5,
-            "w2": jax.random.normal(k2, (n, n_classes)) / n**0.5,
+            "w1": jax.random.normal(k1, (2 * n_symbols, n), jnp.float32) / (2 * n_symbols) ** 0.5,
+            "w2": jax.random.normal(k2, (n, n_classes), jnp.float32) / n**0.5,
         }
 
     def apply(params, pairs):

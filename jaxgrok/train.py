@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgrok import measures, models, optim, tasks
-from jaxgrok.sweep import Static, Sweep, axes
+from jaxgrok.sweep import Static, Sweep, SweepError, axes
 
 CURVES, METRICS = measures.CURVES, measures.METRICS  # one row of a chunk's metrics per evaluation
 TRACES: collections.Counter = collections.Counter()  # trace counts, for the no-recompile test
@@ -79,10 +79,18 @@ def matmul_precision(precision: str):
     return jax.default_matmul_precision("tensorfloat32" if precision == "tf32" else "float32")
 
 
+def x64(static: Static):
+    """The context a sweep's program is traced, compiled and called in: JAX's x64 mode for a float64
+    sweep (scoped: other sweeps in the process stay in float32), nothing otherwise."""
+    return jax.enable_x64(static.train.precision == "float64")
+
+
 def with_precision(model: models.Model, precision: str) -> models.Model:
     """The model computing in `precision`: for bfloat16, the forward pass (and so its backward pass)
     on bfloat16 copies of the float32 parameters, the logits back in float32 for the losses. The
     gradient reaches the float32 parameters through the cast; the optimizer never sees bfloat16."""
+    if precision == "float64":  # the built-in initializers draw float32: the weights start as those, widened
+        return model._replace(init=lambda key: jax.tree.map(lambda w: w.astype(jnp.float64), model.init(key)))
     if precision != "bfloat16":
         return model
 
@@ -114,6 +122,11 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None, ev
     device, runs are vmapped (`vectorize`, the default on accelerators) or mapped one at a time
     (the default on CPU). A chunk holds `evals` evaluations (default: evals_per_chunk)."""
     devices = list(devices if devices is not None else jax.devices())
+    if static.train.precision == "float64":
+        if devices[0].platform == "tpu":
+            raise SweepError(f"train.precision: float64 is not supported on {devices[0].platform.upper()}")
+        if not jax.config.jax_enable_x64:
+            raise RuntimeError("a float64 program is traced, compiled and called inside train.x64(static)")
     if vectorize is None:
         vectorize = devices[0].platform != "cpu"
     s = _setup(static, vectorize)
@@ -302,7 +315,7 @@ def evaluate(s: Setup, state: RunState, hp: Hparams, eval_index) -> tuple[jax.Ar
     loss_on = partial(_loss_on, s, order=state.order, n_train=hp.n_train)
     values, energies = s.measure(measures.Inputs(state.params, state.params0, logits, state.is_train,
                                                  train_loss, batch_loss, key, eval_index, state.opt_state, loss_on))
-    m = jnp.concatenate([m, values])
+    m = jnp.concatenate([m.astype(jnp.float32), values])  # curves are float32 whatever the precision
     return jnp.where(state.diverged, jnp.nan, m), energies  # a diverged run's curve stops here
 
 

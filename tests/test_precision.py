@@ -73,3 +73,23 @@ def test_an_old_runs_table_reads_as_float32():
     upgraded = results.upgrade_runs(pa.table(row))
     assert upgraded.column_names == results.RUNS_SCHEMA.names
     assert upgraded.column("precision").to_pylist() == ["float32"]
+
+
+def test_float64_trains_in_float64_inside_its_own_scope(tiny_sweep):
+    """x64 mode for a float64 sweep's program only: its weights and optimizer state are float64, its
+    curves differ from float32's in the last bits and not more early on, its hash is its own, and
+    JAX stays in float32 outside it."""
+    # Plain gradient descent: Adam's first steps are about lr·sign(g), which turns rounding in the
+    # gradient's near-zero components into whole steps; gradient descent keeps it at rounding's size.
+    cfg = {"steps": 10, "eval_every": 5, "chunk_steps": 10, "optimizer": "sgd"}
+    f32, f64 = tiny_sweep(train=cfg), tiny_sweep(train={**cfg, "precision": "float64"})
+    assert not set(f32.run_hashes) & set(f64.run_hashes)
+    a, b = engine.train_sweep(f32, devices=jax.devices()[:1]), engine.train_sweep(f64, devices=jax.devices()[:1])
+    assert not jax.config.jax_enable_x64  # scoped: nothing leaks into the process
+    params = engine.params_at(f64, 0, [5])[5]
+    assert {np.asarray(w).dtype for w in jax.tree.leaves(params)} == {np.dtype("float64")}
+    loss_a, loss_b = a.curves["train_loss"], b.curves["train_loss"]
+    assert not np.array_equal(loss_a, loss_b)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)  # the same runs, rounded apart
+    with pytest.raises(RuntimeError, match="x64"):  # the program refuses to be built outside its scope
+        train.make_program(f64.static)

@@ -296,7 +296,7 @@ def build(static, model, table, loss: Callable, vectorize: bool = True) -> Calla
         c = ctx
         if K:
             emb = model.embedding(x.params)
-            energy = fourier.energies(emb, ctx.basis)
+            energy = fourier.energies(emb, ctx.basis).astype(jnp.float32)  # kept in float32 whatever the precision
             c = ctx._replace(embedding=emb, energy=energy)
         for m in on:
             values = _at_cadence(m, getattr(cfg, m.every), x, c) if m.every else m.compute(x, c)

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 
 
 def softmax_collapse(logits: jax.Array, is_train: jax.Array) -> jax.Array:
-    """The fraction of training pairs whose softmax normaliser Σⱼ exp(zⱼ − max z) is exactly 1 in
-    float32 (every other class's term rounds away: past a logit gap of 16.6 + ln(C − 1), and from 16.6
-    on depending on the order of the sum), so that their probability is exactly 1 and the gradient
-    of their cross-entropy exactly 0 at the label."""
-    z = logits.astype(jnp.float32)
+    """The fraction of training pairs whose softmax normaliser Σⱼ exp(zⱼ − max z) is exactly 1 in the
+    precision the logits are computed in (every other class's term rounds away; in float32 past a logit
+    gap of 16.6 + ln(C − 1), and from 16.6 on depending on the order of the sum; in float64 past
+    36.7 + ln(C − 1)), so that their probability is exactly 1 and the gradient of their
+    cross-entropy exactly 0 at the label."""
+    z = logits
     normaliser = jnp.exp(z - z.max(-1, keepdims=True)).sum(-1)
     return _train_mean((normaliser == 1).astype(jnp.float32), is_train)
 

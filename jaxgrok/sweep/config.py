@@ -20,7 +20,7 @@ from jaxgrok.registry import checked
 from jaxgrok.sweep import hashing
 from jaxgrok.sweep.axes import TABLE, SweepError, coerce, n_train, varying
 
-PRECISIONS = ("float32", "tf32", "bfloat16")
+PRECISIONS = ("float32", "tf32", "bfloat16", "float64")
 # Every integer of a sweep file: the compiled program counts steps, evaluations, seeds and sizes in
 # int32, and a larger value would overflow inside a jitted call (after the results directory exists).
 INT_LIMIT = 2**31 - 1
@@ -50,8 +50,10 @@ class TrainConfig:
     max_runs_per_batch: int = field(default=0, metadata=checked(lambda v: v >= 0, "must be ≥ 0 (0 = fit to memory)"))
     # float32: true float32 matmuls (GPUs would otherwise use TF32); tf32: TensorFloat-32 matmuls;
     # bfloat16: the forward and backward pass in bfloat16, parameters, optimizer state and losses
-    # in float32. Part of the run hash: a mixed-precision run is never mistaken for a float32 one.
-    precision: str = field(default="float32", metadata=checked(lambda v: v in PRECISIONS, "must be float32, tf32 or bfloat16"))
+    # in float32; float64: everything in float64 (JAX's x64 mode, for that sweep's program only; CPU
+    # and GPU, not TPU): the arm of Prieto et al. 2025 that softmax collapse does not reach. Part of
+    # the run hash: a mixed-precision run is never mistaken for a float32 one.
+    precision: str = field(default="float32", metadata=checked(lambda v: v in PRECISIONS, "must be float32, tf32, bfloat16 or float64"))
 
 
 @dataclass(frozen=True)
