@@ -265,7 +265,8 @@ def read(path: str | Path, kind: str) -> pa.Table:
     if missing := [n for n in needed if n not in table.column_names]:
         raise ResultsError(f"{path}: missing the columns {', '.join(missing)}")
     schema = RUNS_SCHEMA if kind == "runs" else CURVES_SCHEMA
-    for name in needed:
+    present_later = [n for n in later if n in table.column_names and n in schema.names]  # checked where they are
+    for name in needed + present_later:
         if (got := table.schema.field(name).type) != (want := schema.field(name).type):
             raise ResultsError(f"{path}: column {name} is {got}, expected {want}")
     if kind == "runs" and (unknown := set(table.column("phase").to_pylist()) - set(PHASES)):

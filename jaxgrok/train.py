@@ -136,18 +136,23 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None, ev
     init = jax.jit(jax.vmap(partial(init_run, s)), in_shardings=runs, out_shardings=runs)
     sharded = _over_devices(partial(chunk_run, s, n_evals), mesh, vectorize)
     chunk = jax.jit(sharded, in_shardings=(runs, runs, replicated), out_shardings=(runs, runs), donate_argnums=0)
-    return Program(init, chunk, s.model, s.table, runs, n_evals, _spectrum0(s, runs))
+    return Program(init, chunk, s.model, s.table, runs, n_evals, _spectrum0(s, mesh, vectorize))
 
 
-def _spectrum0(s: Setup, runs: NamedSharding) -> Callable | None:
+def _spectrum0(s: Setup, mesh: Mesh, vectorize: bool) -> Callable | None:
     """The Fourier spectrum of each run's initial embedding (the lottery ticket: is the circuit there
-    at step 0?), jitted over a run-sharded batch of initial parameters; None without a spectrum."""
+    at step 0?) over a run-sharded batch of initial parameters, each run on its own as in the chunk
+    (so that its value does not depend on its batch); None without a spectrum."""
     if not s.n_freqs:
         return None
     from jaxgrok.measures import fourier
 
     basis = jnp.asarray(fourier.basis(s.table.n_symbols))
-    return jax.jit(jax.vmap(lambda p: fourier.energies(s.model.embedding(p), basis)), in_shardings=runs, out_shardings=runs)
+    one = lambda p: fourier.energies(s.model.embedding(p), basis).astype(jnp.float32)  # noqa: E731
+    per_device = jax.vmap(one) if vectorize else (lambda ps: jax.lax.map(one, ps))
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=P("runs"), out_specs=P("runs"))
+    runs = NamedSharding(mesh, P("runs"))
+    return jax.jit(sharded, in_shardings=runs, out_shardings=runs)
 
 
 class Setup(NamedTuple):

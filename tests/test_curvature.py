@@ -197,3 +197,15 @@ def test_the_curvature_columns_of_a_run_are_its_training_hessian(tiny_sweep):
     sigma = np.sqrt(2 * ((H**2).sum() - (np.diag(H) ** 2).sum()) / 256)
     assert abs(last("hessian_trace") - np.trace(H)) < 4 * sigma
     assert np.isfinite(last("precond_sharpness")) and last("precond_sharpness") > last("hessian_max")  # √v̂ ≪ 1
+
+
+def test_a_sweep_with_curvature_traces_its_chunk_once(tiny_sweep):
+    from jaxgrok import engine, train
+
+    sweep = tiny_sweep(train={"steps": 60, "eval_every": 10, "chunk_steps": 20},  # three chunks
+                       measures={"curvature": True, "curvature_every": 2, "curvature_iters": 4, "curvature_probes": 2})
+    before = train.TRACES["chunk"]
+    result = engine.train_sweep(sweep, devices=jax.devices()[:1])
+    assert train.TRACES["chunk"] - before == 1
+    measured = np.isfinite(result.curves["hessian_max"]).all(0)
+    assert measured.tolist() == [True, True, False, True, False, True]  # evaluation 0, then every 2nd

@@ -262,7 +262,7 @@ def _results_variants():
             return meta(b"jaxgrok.sweep", json.dumps(cfg).encode())(t)
         return change
 
-    later = {"precision", "batch_seed", *S.LATER_AXES}  # upgrade_runs fills them in older tables
+    later = {"precision", "batch_seed", *S.LATER_AXES, *results.LATER_RUNS_COLUMNS}  # upgrade_runs fills them in older tables
     for kind, schema in (("runs", results.RUNS_SCHEMA), ("curves", results.CURVES_SCHEMA)):
         needed = [n for n in schema.names if n not in later] if kind == "runs" else schema.names[:7]
         for name in needed:
