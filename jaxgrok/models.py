@@ -153,13 +153,15 @@ def mlp(cfg, n_symbols: int, n_classes: int) -> Model:
             del params["b2"]
         return params
 
-    def apply(params, pairs):
+    def hidden(params, pairs):
         # concat(Ea[a], Eb[b]) @ W1 == (Ea @ W1[:d])[a] + (Eb @ W1[d:])[b]: project the n_symbols
         # embeddings once instead of the embeddings of all N pairs (N = n_symbols² here).
         proj_a = params["embed_a"] @ params["w1"][:d]
         proj_b = params["embed_a" if tied else "embed_b"] @ params["w1"][d:]
-        hidden = act(proj_a[pairs[:, 0]] + proj_b[pairs[:, 1]] + params["b1"])
-        out = hidden @ params["w2"]
+        return act(proj_a[pairs[:, 0]] + proj_b[pairs[:, 1]] + params["b1"])
+
+    def apply(params, pairs):
+        out = hidden(params, pairs) @ params["w2"]
         return out + params["b2"] if out_bias else out
 
     def embedding(params):
@@ -170,6 +172,7 @@ def mlp(cfg, n_symbols: int, n_classes: int) -> Model:
         forward_flops=lambda n: 2 * (2 * n_symbols * d * h) + n * 2 * h * n_classes,
         activations=lambda n: 2 * n_symbols * h + n * (2 * h + n_classes),
         embedding=embedding,
+        features=lambda params, pairs: (hidden(params, pairs), params["w2"]),
     )
 
 
@@ -248,12 +251,16 @@ def transformer(cfg, n_symbols: int, n_classes: int) -> Model:
             x = _layer_norm(x, layer["ln2_s"], layer["ln2_b"])
         return x
 
-    def apply(params, pairs):
+    def residual(params, pairs):
+        # The residual stream at "=" after the last block (and its LayerNorm): what the unembedding reads.
         tokens = jnp.concatenate([pairs, jnp.full((pairs.shape[0], 1), n_symbols, pairs.dtype)], 1)
         x = params["embed"][tokens] + params["pos"]
         for i, layer in enumerate(params["layers"]):
             x = block(layer, x, last_only=i == L - 1)
-        return x[:, -1] @ params["unembed"]
+        return x[:, -1]
+
+    def apply(params, pairs):
+        return residual(params, pairs) @ params["unembed"]
 
     # Per pair, forward: QKV on 3 positions (2 in the last layer: Q only at "="), attention, O, MLP.
     full = 3 * (3 * 2 * d * d) + 2 * 3 * 3 * d + 3 * 2 * d * d + 3 * 2 * 2 * d * m
@@ -263,6 +270,7 @@ def transformer(cfg, n_symbols: int, n_classes: int) -> Model:
         forward_flops=lambda n: n * ((L - 1) * full + last + 2 * d * n_classes),
         activations=lambda n: n * (L * n_ctx * (6 * d + 3 * H * n_ctx + 2 * m) + n_classes),
         embedding=lambda params: params["embed"][:n_symbols],  # without the "=" token
+        features=lambda params, pairs: (residual(params, pairs), params["unembed"]),
     )
 
 
@@ -284,10 +292,13 @@ def gromov(cfg, n_symbols: int, n_classes: int) -> Model:
             "w2": jax.random.normal(k2, (n, n_classes), jnp.float32) / n**0.5,
         }
 
-    def apply(params, pairs):
+    def hidden(params, pairs):
         # one_hot(a, b) @ W1 is a sum of two rows of W1: gather them instead of multiplying.
         pre = params["w1"][pairs[:, 0]] + params["w1"][n_symbols + pairs[:, 1]]
-        return (pre**2) @ params["w2"]
+        return pre**2
+
+    def apply(params, pairs):
+        return hidden(params, pairs) @ params["w2"]
 
     return Model(
         init, apply,
@@ -295,4 +306,5 @@ def gromov(cfg, n_symbols: int, n_classes: int) -> Model:
         activations=lambda pairs: pairs * (2 * n + n_classes),
         # The first layer's rows for operand a beside those for operand b.
         embedding=lambda params: jnp.concatenate([params["w1"][:n_symbols], params["w1"][n_symbols:]], 1),
+        features=lambda params, pairs: (hidden(params, pairs), params["w2"]),
     )

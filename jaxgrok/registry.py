@@ -10,7 +10,9 @@ A **model** is a frozen dataclass of its parameters with a method
 `init(key) -> params` (a pytree of float32 arrays), `apply(params, inputs int32[N, L]) -> logits
 float32[N, n_classes]`, `forward_flops(N)` and `activations(N)` (matmul FLOPs of one forward pass over
 N examples, and the floats it keeps for the backward pass: the batch sizing reads them), and optionally
-`embedding(params) -> float32[n_symbols, D]` (the operands' embeddings, for the Fourier measures).
+`embedding(params) -> float32[n_symbols, D]` (the operands' embeddings, for the Fourier measures) and
+`features(params, inputs) -> (h float32[N, D], W_out float32[D, n_classes] or [n_classes, D])` (the
+penultimate features and the output layer's weight, logits = h·W_out + bias: for relative flatness).
 
 Register them in Python (`@jaxgrok.register_task("sparse_parity")`, `@jaxgrok.register_model(...)`)
 or, from an installed package, through the entry-point groups `jaxgrok.tasks` and `jaxgrok.models`
@@ -65,6 +67,10 @@ class Model(NamedTuple):
     # params -> float32[n_symbols, D]: the operands' embeddings, for the Fourier measures (None: the
     # model has none, and those measures are off)
     embedding: Callable | None = None
+    # (params, inputs int32[N, L]) -> (h float32[N, D], W_out float32[D, n_classes] or [n_classes, D]): the
+    # penultimate features and the last linear map's weight (its bias, if any, left out), logits = h·W_out
+    # + bias, for relative flatness (None: the model has none, and that measure is off)
+    features: Callable | None = None
 
 
 def register_task(name: str):
@@ -222,9 +228,11 @@ def check_model(cfg, n_symbols: int, n_classes: int, n_inputs: int) -> Model:
         params = jax.eval_shape(model.init, jax.random.key(0))
         logits = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((4, n_inputs), jnp.int32))
         emb = jax.eval_shape(model.embedding, params) if model.embedding is not None else None
+        feats = (jax.eval_shape(model.features, params, jax.ShapeDtypeStruct((4, n_inputs), jnp.int32))
+                 if model.features is not None else None)
         sizes = (int(model.forward_flops(4)), int(model.activations(4)))
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{where}: init, apply, embedding, forward_flops or activations on inputs int32[4, {n_inputs}] "
+        raise ValueError(f"{where}: init, apply, embedding, features, forward_flops or activations on inputs int32[4, {n_inputs}] "
                          f"raised {_said(e)}") from None
     leaves = jax.tree.leaves(params)
     if not leaves or any(leaf.dtype != jnp.float32 or leaf.size == 0 for leaf in leaves):
@@ -235,6 +243,14 @@ def check_model(cfg, n_symbols: int, n_classes: int, n_inputs: int) -> Model:
                          f"got {logits.dtype}{list(logits.shape)}")
     if emb is not None and (emb.ndim != 2 or emb.shape[0] != n_symbols):
         raise ValueError(f"{where}: embedding(params) must give float32[{n_symbols}, D], got {list(emb.shape)}")
+    if feats is not None:
+        pair = isinstance(feats, (tuple, list)) and len(feats) == 2 and all(hasattr(x, "ndim") for x in feats)
+        h, w = feats if pair else (None, None)
+        if (h is None or h.ndim != 2 or h.shape[0] != 4 or w.ndim != 2
+                or w.shape not in ((h.shape[1], n_classes), (n_classes, h.shape[1]))):
+            got = f"{[list(x.shape) for x in feats]}" if pair else type(feats).__name__
+            raise ValueError(f"{where}: features(params, inputs int32[4, {n_inputs}]) must give (h float32[4, D], "
+                             f"W_out float32[D, {n_classes}] or [{n_classes}, D]), got {got}")
     if min(sizes) < 0:
         raise ValueError(f"{where}: forward_flops and activations must be ≥ 0, got {sizes}")
     return model

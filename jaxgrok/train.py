@@ -97,7 +97,11 @@ def with_precision(model: models.Model, precision: str) -> models.Model:
     def apply(params, pairs):
         return model.apply(jax.tree.map(lambda w: w.astype(jnp.bfloat16), params), pairs).astype(jnp.float32)
 
-    return model._replace(apply=apply)
+    def features(params, pairs):  # the features as the logits see them; the float32 output weight
+        h, _ = model.features(jax.tree.map(lambda w: w.astype(jnp.bfloat16), params), pairs)
+        return h.astype(jnp.float32), model.features(params, pairs)[1]  # (its float32 h is never computed)
+
+    return model._replace(apply=apply, features=features if model.features is not None else None)
 
 
 def abstract_inputs(program: Program, n_runs: int) -> tuple[Hparams, RunState]:
@@ -318,8 +322,10 @@ def evaluate(s: Setup, state: RunState, hp: Hparams, eval_index) -> tuple[jax.Ar
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(hp.seed), hp.data_seed), eval_index)
     batch_loss = lambda p, k: _llc_batch_loss(s, p, state.order, hp.n_train, k)  # noqa: E731
     loss_on = partial(_loss_on, s, order=state.order, n_train=hp.n_train)
+    features = (lambda p: s.model.features(p, s.inputs)) if s.model.features is not None else None  # noqa: E731
     values, energies = s.measure(measures.Inputs(state.params, state.params0, logits, state.is_train,
-                                                 train_loss, batch_loss, key, eval_index, state.opt_state, loss_on))
+                                                 train_loss, batch_loss, key, eval_index, state.opt_state, loss_on,
+                                                 features))
     m = jnp.concatenate([m.astype(jnp.float32), values])  # curves are float32 whatever the precision
     return jnp.where(state.diverged, jnp.nan, m), energies  # a diverged run's curve stops here
 

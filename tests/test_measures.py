@@ -167,7 +167,7 @@ def test_minibatch_runs_and_the_llc_are_chunking_independent(tiny_sweep):
 def test_measures_on_the_transformer_and_gromov(tiny_sweep):
     for model in ({"kind": "transformer", "d_model": 16, "n_heads": 2, "d_mlp": 32}, {"kind": "gromov", "d_hidden": 32}):
         sweep = tiny_sweep(model=model, task={"op": "x-y", "p": 13}, train={"steps": 100, "eval_every": 50},
-                           measures={"llc": True, "llc_draws": 3, "numerics": True, "curvature": True},
+                           measures={"llc": True, "llc_draws": 3, "numerics": True, "curvature": True, "flatness": True},
                            sweep={"seed": [0, 1], "weight_decay": 1.0, "learning_rate": 3e-3, "train_fraction": 0.5})
         r = engine.train_sweep(sweep)
         for name in COLUMNS:

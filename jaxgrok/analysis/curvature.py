@@ -22,7 +22,7 @@ from jaxgrok.analysis.sensitivity import cluster_resamples
 from jaxgrok.analysis.warning import curve_matrix
 from jaxgrok.sweep import SEED_AXES
 
-COMPARED = ("hessian_max", "hessian_trace", "precond_sharpness", "llc")  # raw, raw, scale-aware, SLT
+COMPARED = ("hessian_max", "hessian_trace", "precond_sharpness", "relative_flatness", "llc")  # raw, raw, scale-aware ×2, SLT
 AFTER = 10  # evaluations after t_val: past the jump itself
 
 
@@ -102,7 +102,8 @@ def sentences(rows: list[dict], keys: list[str]) -> list[str]:
         verdict.setdefault(where, {})[r["measure"]] = way if r["sign_test_p"] is not None and r["sign_test_p"] < 0.05 else None
     for where, v in verdict.items():
         raw = v.get("hessian_max")
-        for aware, name in (("precond_sharpness", "Adam's preconditioned sharpness P⁻¹H"), ("llc", "the LLC")):
+        for aware, name in (("precond_sharpness", "Adam's preconditioned sharpness P⁻¹H"),
+                            ("relative_flatness", "the relative flatness"), ("llc", "the LLC")):
             if raw and aware in v and v[aware] != raw:
                 said = f"is {v[aware]}" if v[aware] else "shows no clear change"
                 out.append(f"{where}: raw sharpness is {raw} after grokking but {name} {said}: with cross-entropy "

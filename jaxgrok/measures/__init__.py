@@ -43,6 +43,7 @@ class Needs(enum.Flag):
     NOTHING = 0
     RESIDUES = enum.auto()  # a modular task (residues 0..p-1) and a model with an embedding of them
     SUM_TASK = enum.auto()  # an answer that is the residue a ± b (x+y, x-y)
+    FEATURES = enum.auto()  # a model with penultimate features and an output weight (Model.features)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class Eval(NamedTuple):
     eval_index: jax.Array  # unbatched int32: the evaluation's number in the run (0 = first)
     opt_state: object = None  # the run's optimizer state (Adam's second moments, for precond_sharpness)
     loss_on: Callable | None = None  # (params, key, size) -> training loss on `size` pairs (0: all of them)
+    # params -> (h [N, D], W_out): the model's penultimate features on the full table and its output
+    # weight (Model.features; None: the model has none)
+    features: Callable | None = None
 
 
 Inputs = Eval  # the name train.py passes them under
@@ -85,6 +89,7 @@ class Context(NamedTuple):
     loss: Callable  # (logits, targets) -> per-example loss
     vectorize: bool  # runs vmapped (then the LLC's chains are too)
     adam_beta2: float | None = None  # the recipe's β₂ where it is Adam's (None: SGD, no preconditioner)
+    loss_name: str = "cross_entropy"  # the training loss by name (closed forms of its Hessian in the logits)
     embedding: jax.Array | None = None
     energy: jax.Array | None = None
 
@@ -123,6 +128,13 @@ def _numerics(x: Eval, c: Context):
     return (numerics.softmax_collapse(x.logits, x.is_train),
             numerics.zero_loss_frac(c.loss(x.logits, c.targets), x.is_train),
             numerics.nlm_cosine(x.logits, c.targets, x.is_train, c.loss))
+
+
+def _flatness(x: Eval, c: Context):
+    from jaxgrok.measures import flatness
+
+    h, w_out = x.features(x.params)
+    return (flatness.relative_flatness(h, w_out, x.logits, c.targets, x.is_train, c.loss_name, c.loss),)
 
 
 CURVATURE_STREAM = 0x63757276  # folded into the evaluation's key: draws independent of the LLC's
@@ -237,6 +249,11 @@ MEASURES = (
                 Option("curvature_iters", int, 20, (lambda v: 2 <= v <= 500, "must be 2 to 500 (Lanczos steps)")),
                 Option("curvature_probes", int, 16, (lambda v: 1 <= v <= 4096, "must be 1 to 4096 (Hutchinson probes)")),
                 Option("curvature_batch_size", int, 0, (lambda v: v >= 0, "must be ≥ 0 (0 = the whole training set)")))),
+    # Petzka et al. 2021, Han et al. 2025: the output layer's flatness, invariant to scaling a layer into
+    # the next (the Hessian's trace is not). Cheap (one forward pass to the features, closed forms in
+    # the logits); off unless asked; needs Model.features.
+    Measure("flatness", (Column("relative_flatness", "relative flatness ‖W‖²·Tr∇²_W L"),),
+            _flatness, needs=Needs.FEATURES, on=False, later=True),
 )
 
 MEASURE_COLUMNS = tuple(col for m in MEASURES for col in m.columns)
@@ -287,7 +304,7 @@ def build(static, model, table, loss: Callable, vectorize: bool = True) -> Calla
     K = n_frequencies(static, table.n_symbols)
     adam = static.train.optimizer in ("adamw", "adam")
     ctx = Context(cfg, jnp.asarray(fourier.basis(table.n_symbols)) if K else None, jnp.asarray(table.targets),
-                  loss, vectorize, static.train.beta2 if adam else None)
+                  loss, vectorize, static.train.beta2 if adam else None, static.loss)
     nan = jnp.float32(jnp.nan)
 
     def measure(x: Eval):

@@ -173,6 +173,9 @@ def _measures(asked, task, model, size: tasks.Sizes, where: str) -> MeasuresConf
     # The Fourier measures read the embedding of the residues: a built-in model's (they all have
     # one), or a registered model's `embedding` where it has one.
     embedded = registry.is_builtin(model) or _registered_model(model, size).embedding is not None
+    # Relative flatness reads the penultimate features and the output weight: a built-in model's, or a
+    # registered model's `features` where it has them.
+    featured = registry.is_builtin(model) or _registered_model(model, size).features is not None
     for m in (m for m in measures.MEASURES if m.needs & measures.Needs.RESIDUES and asked.get(m.switch)):
         if not modular:
             raise SweepError(f"{where}: measures.{m.switch}: needs a modular task (residues 0..p-1), not {task.op}")
@@ -181,10 +184,14 @@ def _measures(asked, task, model, size: tasks.Sizes, where: str) -> MeasuresConf
     for m in (m for m in measures.MEASURES if m.needs & measures.Needs.SUM_TASK and asked.get(m.switch)):
         if not summed:
             raise SweepError(f"{where}: measures.{m.switch}: defined for {' and '.join(tasks.SUM_OPS)} only, not {task.op}")
+    for m in (m for m in measures.MEASURES if m.needs & measures.Needs.FEATURES and asked.get(m.switch)):
+        if not featured:
+            raise SweepError(f"{where}: measures.{m.switch}: model {model.kind} has no features (Model.features is None)")
 
     def applies(m) -> bool:
         return ((not m.needs & measures.Needs.RESIDUES or modular and embedded)
-                and (not m.needs & measures.Needs.SUM_TASK or summed))
+                and (not m.needs & measures.Needs.SUM_TASK or summed)
+                and (not m.needs & measures.Needs.FEATURES or featured))
 
     # Measures that do not apply to the task are off (their columns stay null).
     return dataclasses.replace(cfg, **{m.switch: getattr(cfg, m.switch) and applies(m) for m in measures.MEASURES})
