@@ -50,3 +50,17 @@ def test_without_curvature_columns_nothing_applies():
     cols, curves = _runs_and_curves()
     assert not curvature.applies(curves.drop_columns(["hessian_max", "precond_sharpness"]))
     assert not curvature.applies(None)
+
+
+def test_the_softmax_numerics_are_drawn_per_cell_over_every_run():
+    cols, _ = _runs_and_curves()
+    n, evals = len(cols["run_id"]), 40
+    steps = np.arange(1, evals + 1) * 10
+    collapse = np.tile(np.where(steps >= 200, 1.0, 0.0), (n, 1))  # every run collapses at step 200
+    curves = pa.table({"run_id": np.repeat(np.arange(n), evals).astype(np.int32), "step": np.tile(steps, n),
+                       "val_acc": np.zeros(n * evals), "softmax_collapse": collapse.ravel()})
+    out = curvature.median_curves(cols, curves, ["weight_decay"])
+    assert out["names"] == ["val_acc", "softmax_collapse"] and len(out["cells"]) == 2
+    for _, medians in out["cells"]:  # the censored runs count too
+        np.testing.assert_array_equal(medians["softmax_collapse"], np.where(steps >= 200, 1.0, 0.0))
+    assert curvature.median_curves(cols, curves.drop_columns(["softmax_collapse"]), ["weight_decay"]) is None

@@ -43,6 +43,7 @@ class Analysis:
     warning: warning.EarlyWarning | None  # without curves.parquet: None
     flat_or_sharp: list[dict]  # curvature.flat_or_sharp rows; empty where no curvature measure was taken
     curvature_said: tuple[str, ...]  # curvature.sentences of those rows
+    numerics: dict | None  # curvature.median_curves of the softmax numerics per cell; None where not measured
     notes: tuple[str, ...]  # sentences for the report
     tables: dict[str, pa.Table]  # name -> the table written as name.parquet, in the order written
 
@@ -139,7 +140,8 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
     return Analysis(
         runs=cols, sweep=resolved, curves=curves, swept=swept, keys=keys, cells=rows, plot_axes=plot_axes,
         plot_cells=plot_cells, sensitivity=sens_rows, rank_correlation=(np.median(rhos), len(rhos)) if rhos else None,
-        speedup=speedup, warning=warn, flat_or_sharp=sharp, curvature_said=tuple(curvature.sentences(sharp, keys)), notes=tuple(notes + _not_reached(cols, rows, keys)), tables=tables)
+        speedup=speedup, warning=warn, flat_or_sharp=sharp, curvature_said=tuple(curvature.sentences(sharp, keys)),
+        numerics=curvature.median_curves(cols, curves, keys), notes=tuple(notes + _not_reached(cols, rows, keys)), tables=tables)
 
 
 def write(analysis: Analysis, results_dir: str | Path) -> dict[str, Path]:

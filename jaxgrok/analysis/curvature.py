@@ -11,6 +11,8 @@ conditional on grokking: a run that did not grok has no "after", and the table c
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyarrow as pa
 from scipy import stats
@@ -22,6 +24,7 @@ from jaxgrok.analysis.sensitivity import cluster_resamples
 from jaxgrok.analysis.warning import curve_matrix
 from jaxgrok.sweep import SEED_AXES
 
+NUMERICS = ("val_acc", "softmax_collapse", "zero_loss_frac", "nlm_cosine")  # drawn over training where measured
 COMPARED = ("hessian_max", "hessian_trace", "precond_sharpness", "relative_flatness", "llc")  # raw, raw, scale-aware ×2, SLT
 AFTER = 10  # evaluations after t_val: past the jump itself
 
@@ -117,3 +120,23 @@ def flat_or_sharp_table(rows: list[dict], keys: list[str], resolved: dict) -> pa
     fields += [pa.field(k, pa.int64()) for k in ("n_runs", "n_grokked", "n_compared", "n_higher_after")]
     fields += [pa.field(k, pa.float64()) for k in ("median_ratio", "ratio_lo", "ratio_hi", "sign_test_p")]
     return pa.Table.from_pylist(rows, schema=pa.schema(fields).with_metadata(results.metadata("curvature", resolved)))
+
+
+def median_curves(cols: dict, curves: pa.Table | None, keys: list[str], names=NUMERICS, max_cells: int = 6) -> dict | None:
+    """Per cell (at most `max_cells`), the median over its runs of each of `names` at every evaluation,
+    grokked or not (softmax collapse happens in runs that never grok): {"steps", "names", "cells":
+    [(values of `keys`, {name: medians})]}; None where no numerics column was measured."""
+    if curves is None or not any(n in curves.column_names and curves.column(n).null_count < curves.num_rows
+                                 for n in names[1:]):
+        return None
+    present = [n for n in names if n in curves.column_names and curves.column(n).null_count < curves.num_rows]
+    ids, uniq = cell_ids(cols, keys)
+    matrices = {n: curve_matrix(curves, cols["run_id"], n) for n in present}
+    steps = next(iter(matrices.values()))[0]
+    cells = []
+    for c in range(min(len(uniq), max_cells)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an evaluation where no run has a value
+            medians = {n: np.nanmedian(v[ids == c], 0) for n, (_, v) in matrices.items()}
+        cells.append(({k: uniq[c][i].item() for i, k in enumerate(keys)}, medians))
+    return {"steps": steps, "names": present, "cells": cells}

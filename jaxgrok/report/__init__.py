@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from jaxgrok import measures
 from jaxgrok.report import figures, html, warning
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ def draw(a: Analysis, folder: Path) -> dict[str, Path]:
     if warn and warn.present and (~cols["censored"]).any():
         shown, n_cells, bands = warn.aligned
         figs["measures_aligned"] = warning.aligned_measures(warn.present, bands, shown, n_cells, warn.uniq, keys, folder)
+    if a.numerics:
+        figs["softmax_numerics"] = figures.median_curves(a.numerics, keys, {n: c.label for n, c in measures.BY_NAME.items()}, folder)
     if any(r["init_noise"] is not None for r in a.sensitivity):
         figs["perturbation_map"] = figures.perturbation_map(a.sensitivity, folder)
     if warn and warn.snapshots:

@@ -289,3 +289,19 @@ def perturbation_map(sens_rows: list[dict], folder: Path) -> Path:
     axes[0].set_title("where the initialization stops deciding grokking time")
     axes[1].set_title("does a perturbed run keep its base's rank?")
     return save(fig, folder, "perturbation_map")
+
+
+def median_curves(numerics: dict, keys, labels: dict, folder: Path) -> Path:
+    """One panel per quantity (validation accuracy and the softmax numerics): each cell's median over
+    its runs at every evaluation, grokked or not."""
+    names = numerics["names"]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for i, (values, medians) in enumerate(numerics["cells"]):
+            ax.plot(numerics["steps"], medians[name], color=f"C{i}", label=cell_label(values, keys) if keys else "all runs")
+        ax.set(xlabel="step", title=labels.get(name, name))
+        ax.title.set_fontsize(9)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("the softmax numerics over training (median per cell, every run)", fontsize=10)
+    fig.tight_layout()
+    return save(fig, folder, "softmax_numerics")
