@@ -5,7 +5,7 @@ Contenders, interleaved within each repeat so that machine drift falls on all of
   like its peers;
 - jaxgrok_measures: the same with the default measures (as `jaxgrok run` does by default);
 - jaxgrok_llc: the default measures and the LLC at its default cadence;
-- jaxgrok_numerics: training alone plus the softmax numerics (every evaluation);
+- jaxgrok_numerics: training alone plus the softmax numerics and relative flatness (every evaluation);
 - jaxgrok_curvature: training alone plus the curvature measures at their default cadence;
 - jax_loop: the engine's own program for one run, called once per run from a Python loop;
 - torch_loop: one PyTorch model after another, the way the reference implementations train;
@@ -35,7 +35,7 @@ MEASURES = {  # the [measures] table of each jaxgrok contender
     "jaxgrok_measures": {},
     "jaxgrok_llc": {"llc": True},
     "jaxgrok_numerics": {"dist_from_init": False, "fourier": False, "circularity": False, "restricted_loss": False,
-                         "numerics": True},
+                         "numerics": True, "flatness": True},
     "jaxgrok_curvature": {"dist_from_init": False, "fourier": False, "circularity": False, "restricted_loss": False,
                           "curvature": True},
 }
