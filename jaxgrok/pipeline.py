@@ -44,6 +44,8 @@ def run(sweep, *, out: str | Path | None = None, overrides=(), quiet: bool = Fal
     from jaxgrok.store import lock
 
     memory.check_fits(sweep, memory.memory_budget())  # before anything is written
+    if sweep.static.train.precision == "float64" and (platform := jax.devices()[0].platform) == "tpu":
+        raise SweepError(f"{sweep.path}: train.precision: float64 is not supported on {platform.upper()} (float32, tf32 or bfloat16)")
     given, out = out, out_dir(sweep, out, overrides)
     if dry_run:
         return _dry_run(sweep, out)

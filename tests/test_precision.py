@@ -93,3 +93,16 @@ def test_float64_trains_in_float64_inside_its_own_scope(tiny_sweep):
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)  # the same runs, rounded apart
     with pytest.raises(RuntimeError, match="x64"):  # the program refuses to be built outside its scope
         train.make_program(f64.static)
+
+
+def test_float64_on_a_tpu_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from jaxgrok.cli import main
+
+    real = jax.devices
+    monkeypatch.setattr(jax, "devices", lambda *a: [SimpleNamespace(platform="tpu")] if not a else real(*a))
+    out = tmp_path / "out"
+    assert main(["run", "sweeps/quickstart.toml", "--set", "precision=float64", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.precision: float64 is not supported on TPU" in err[0] and not out.exists()
