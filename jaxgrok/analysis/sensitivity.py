@@ -124,14 +124,16 @@ def perturbation_map(cols, n_resamples: int = 199, seed: int = 0) -> tuple[list[
 
 
 def _withheld(rows: list[dict], design, notes: list[str]) -> list[dict]:
-    """Rows of variance.components with the intervals variance.supported does not back withheld (the
-    estimates stay) and its sentence in their `note` and, once, in the notes."""
+    """Rows of variance.components with the intervals variance.supported does not back withheld (and
+    the estimates too where variance.estimates_supported does not back them) and its sentence in
+    their `note` and, once, in the notes."""
     out = []
+    blank = {} if variance.estimates_supported(design) else {"estimate": np.nan}
     for measure, kind in (("variance_component_log_t_val", "component"), ("variance_share_log_t_val", "share")):
         refused = variance.supported(design, kind)
         if refused and refused not in [n.removeprefix("Variance components: ") for n in notes]:
             notes.append(f"Variance components: {refused}")
-        out += [r | ({"ci_lo": np.nan, "ci_hi": np.nan} if refused else {}) | {"note": refused}
+        out += [r | ({"ci_lo": np.nan, "ci_hi": np.nan} | blank if refused else {}) | {"note": refused}
                 for r in rows if r["measure"] == measure]
     return out
 
@@ -168,5 +170,6 @@ SENSITIVITY_SCHEMA = pa.schema([("measure", pa.string()), ("factor", pa.string()
 
 
 def sensitivity_table(rows: list[dict], resolved: dict) -> pa.Table:
-    """sensitivity.parquet: the rows of sensitivity()."""
+    """sensitivity.parquet: the rows of sensitivity(), a withheld or undefined number null (never NaN)."""
+    rows = [{k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in r.items()} for r in rows]
     return pa.Table.from_pylist(rows, schema=SENSITIVITY_SCHEMA.with_metadata(results.metadata("sensitivity", resolved)))

@@ -337,10 +337,10 @@ def supported(design: Design, measure: str = "component") -> str | None:
     if levels[fewest] < 8 and censored > 0:
         return (f"with {levels[fewest]} levels of {fewest} and {censored:.0%} of runs censored the variance "
                 "components are too uncertain and biased to stand behind (simulated: bias-corrected estimates "
-                "off by 13-148%); no intervals are given; run ≥ 8 levels of every seed.")
+                "off by 13-148%); neither estimates nor intervals are given; run ≥ 8 levels of every seed.")
     if censored > 0.4:
-        return (f"with {censored:.0%} of runs censored (simulated: up to 40%) the intervals are not backed, so "
-                "none are given; a longer budget gives them.")
+        return (f"with {censored:.0%} of runs censored (simulated: up to 40%) neither the estimates nor their "
+                "intervals are backed, so none are given; a longer budget gives them.")
     if measure == "component" and censored > 0.25:
         return (f"with {censored:.0%} of runs censored the 95% interval of a small component covers the truth "
                 "in only 88% of simulated 16 × 16 sweeps (at 40% censored), so the components' intervals are "
@@ -351,6 +351,15 @@ def supported(design: Design, measure: str = "component") -> str | None:
                 "rarely or too often (simulated: 88-100%), so they are not given; the components' are; "
                 "run ≥ 16 levels of every seed for them.")
     return None
+
+
+def estimates_supported(design: Design) -> bool:
+    """Whether the estimates themselves (not only their intervals) are backed by the simulation: not
+    with fewer than 8 levels of a factor and censoring (bias-corrected 13-148% off), nor above 40%
+    censored (not simulated; with every run censored nothing is identified at all)."""
+    levels = design.y.shape[1:]
+    censored = float(design.censored.mean())
+    return not (levels and (min(levels) < 8 and censored > 0 or censored > 0.4))
 
 
 def log_sd(times: np.ndarray, observed: np.ndarray, censor_at: np.ndarray) -> float | None:

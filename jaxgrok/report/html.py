@@ -68,6 +68,11 @@ Validated on simulated 4 × 4 to 16 × 16 seed grids with 0–40% of runs censor
 where the design is too small for that, the intervals are withheld and the reason is below the table."""
 
 
+def _known(v, spec: str) -> str:
+    """A number, or "—" where it is withheld (NaN)."""
+    return "—" if v is None or not np.isfinite(v) else format(v, spec).replace("-", "−")
+
+
 def _variance_html(sens_rows) -> str:
     comp = {r["factor"]: r for r in sens_rows if r["measure"] == "variance_component_log_t_val"}
     share = {r["factor"]: r for r in sens_rows if r["measure"] == "variance_share_log_t_val"}
@@ -76,8 +81,8 @@ def _variance_html(sens_rows) -> str:
     said = dict.fromkeys(r.get("note") for r in [*comp.values(), *share.values()] if r.get("note"))
     withheld = "".join(f"<p><i>Not shown: {html.escape(n)}</i></p>" for n in said)
     body = "".join(
-        f"<tr><td>{html.escape(f)}</td><td>{c['estimate']:.3f}</td><td>{_ci(c['ci_lo'], c['ci_hi'], '{:.3f}')}</td>"
-        f"<td>{np.sqrt(max(c['estimate'], 0.0)):.2f}</td><td>{share[f]['estimate']:.0%}</td>"
+        f"<tr><td>{html.escape(f)}</td><td>{_known(c['estimate'], '.3f')}</td><td>{_ci(c['ci_lo'], c['ci_hi'], '{:.3f}')}</td>"
+        f"<td>{_known(np.sqrt(max(c['estimate'], 0.0)), '.2f')}</td><td>{_known(share[f]['estimate'], '.0%')}</td>"
         f"<td>{_ci(share[f]['ci_lo'], share[f]['ci_hi'], '{:.0%}')}</td></tr>" for f, c in comp.items())
     return (f"<h2>What explains the spread of log t_val</h2><p>{VARIANCE_METHOD}</p><table><tr><th>source</th>"
             "<th>variance (log steps²)</th><th>95% CI</th><th>sd (log steps)</th><th>share</th><th>95% CI</th></tr>"
