@@ -329,18 +329,13 @@ def supported(design: Design, measure: str = "component") -> str | None:
     the components' intervals are withheld there, the shares' kept (16 × 16 at 40%: 91-92%); a share's
     interval covers 88-90% (large share) or 98-100% (small share) below 16 levels of every factor; and
     nothing is given above 40% censored, which was not simulated."""
+    if unbacked := _unbacked(design):
+        return unbacked
     levels = dict(zip(design.factors, design.y.shape[1:]))
     if not levels:
         return None
     fewest = min(levels, key=levels.get)
     censored = float(design.censored.mean())
-    if levels[fewest] < 8 and censored > 0:
-        return (f"with {levels[fewest]} levels of {fewest} and {censored:.0%} of runs censored the variance "
-                "components are too uncertain and biased to stand behind (simulated: bias-corrected estimates "
-                "off by 13-148%); neither estimates nor intervals are given; run ≥ 8 levels of every seed.")
-    if censored > 0.4:
-        return (f"with {censored:.0%} of runs censored (simulated: up to 40%) neither the estimates nor their "
-                "intervals are backed, so none are given; a longer budget gives them.")
     if measure == "component" and censored > 0.25:
         return (f"with {censored:.0%} of runs censored the 95% interval of a small component covers the truth "
                 "in only 88% of simulated 16 × 16 sweeps (at 40% censored), so the components' intervals are "
@@ -353,13 +348,28 @@ def supported(design: Design, measure: str = "component") -> str | None:
     return None
 
 
-def estimates_supported(design: Design) -> bool:
-    """Whether the estimates themselves (not only their intervals) are backed by the simulation: not
-    with fewer than 8 levels of a factor and censoring (bias-corrected 13-148% off), nor above 40%
-    censored (not simulated; with every run censored nothing is identified at all)."""
-    levels = design.y.shape[1:]
+def _unbacked(design: Design) -> str | None:
+    """The designs on which the simulation backs not even the estimates (so neither they nor their
+    intervals are given): fewer than 8 levels of a factor with censoring (bias-corrected 13-148% off),
+    or more than 40% censored (not simulated; with every run censored nothing is identified)."""
+    levels = dict(zip(design.factors, design.y.shape[1:]))
+    if not levels:
+        return None
+    fewest = min(levels, key=levels.get)
     censored = float(design.censored.mean())
-    return not (levels and (min(levels) < 8 and censored > 0 or censored > 0.4))
+    if levels[fewest] < 8 and censored > 0:
+        return (f"with {levels[fewest]} levels of {fewest} and {censored:.0%} of runs censored the variance "
+                "components are too uncertain and biased to stand behind (simulated: bias-corrected estimates "
+                "off by 13-148%); neither estimates nor intervals are given; run ≥ 8 levels of every seed.")
+    if censored > 0.4:
+        return (f"with {censored:.0%} of runs censored (simulated: up to 40%) neither the estimates nor their "
+                "intervals are backed, so none are given; a longer budget gives them.")
+    return None
+
+
+def estimates_supported(design: Design) -> bool:
+    """Whether the estimates themselves (not only their intervals) are backed by the simulation."""
+    return _unbacked(design) is None
 
 
 def log_sd(times: np.ndarray, observed: np.ndarray, censor_at: np.ndarray) -> float | None:
