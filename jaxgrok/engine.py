@@ -130,6 +130,11 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
     batches, resume = [], False
     if store is not None and (cursor := store.checkpointed_batch()):
         position = {h: i for i, h in enumerate(sweep.run_hashes)}
+        if set(cursor["run_hashes"]) <= store.done_hashes():
+            # Killed after the batch's parts were committed and before its checkpoints were
+            # deleted: the parts hold all its runs, so the checkpoint says nothing more.
+            store.clear_checkpoints()
+            return _plan(sweep, index, per_batch, store)
         rows = np.array([position.get(h, -1) for h in cursor["run_hashes"]])
         where = store.manager.directory
         if not ((rows >= 0).all() and np.isin(rows, todo).all()):

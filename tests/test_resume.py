@@ -90,6 +90,38 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, reference):
     assert_same(out, reference)  # ...and the sweep finishes from it, unchanged
 
 
+class Killed(BaseException):
+    """Stands in for a SIGKILL at one exact moment."""
+
+
+def test_killed_between_committing_a_batch_and_clearing_its_checkpoint(tmp_path, monkeypatch):
+    """The parts of a batch are written, its checkpoint is not yet deleted: the next run sees a
+    checkpoint of finished runs, drops it, and finishes as an uninterrupted sweep (CI once caught
+    this window by chance with SIGKILL)."""
+    from jaxgrok import pipeline
+    from jaxgrok.store import Store
+    from jaxgrok.sweep import load_sweep
+
+    sweep = load_sweep(write_sweep(tmp_path / "s.toml", name="window", train={"steps": 200, "eval_every": 50, "chunk_steps": 50,
+                                                                   "max_runs_per_batch": 2},
+                        sweep={"seed": {"count": 4}, "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.5}))
+    pipeline.run(sweep, out=tmp_path / "ref", quiet=True, analyze=False)
+
+    def commit_then_die(self, runs_table, curves_table):
+        from jaxgrok.store import parts
+        parts.write_pair(self.parts, self.tag, runs_table, curves_table)
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(Store, "write_batch", commit_then_die)
+        with pytest.raises(Killed):
+            pipeline.run(sweep, out=tmp_path / "out", quiet=True, analyze=False, checkpoint_every=1)
+    assert checkpoint_steps(tmp_path / "out")  # the window: parts written, checkpoint still there
+    pipeline.run(sweep, out=tmp_path / "out", quiet=True, analyze=False, checkpoint_every=1)
+    assert tables(tmp_path / "out")[0].equals(tables(tmp_path / "ref")[0])
+    assert tables(tmp_path / "out")[1].equals(tables(tmp_path / "ref")[1])
+
+
 def checkpoint_steps(out):
     folder = out / "checkpoints"
     found = [p for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
