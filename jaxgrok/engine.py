@@ -291,7 +291,7 @@ def _train_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, tally: _Tally,
     for k, (e0, n, run_chunk) in enumerate(todo):
         # The evaluation counter makes the measures' cadence and randomness count from the run's
         # start, whatever the chunking.
-        state, metrics = run_chunk(state, batch.hp, np.int32(e0))
+        state, metrics = run_chunk(state, batch.hp, _global(train.first_evals(len(batch.curves), e0), ctx.program.sharding))
         if pending is not None:
             _collect(ctx, tally, batch, len(plan.batches), *pending)
         pending = (e0, n, metrics)
@@ -414,7 +414,7 @@ def params_at(sweep: Sweep, run: int, steps) -> dict[int, dict]:
     if 0 in wanted:
         out[0] = take()
     for c in range(max(wanted) // cfg.eval_every):
-        state, _ = program.chunk(state, hp, np.int32(c))
+        state, _ = program.chunk(state, hp, train.first_evals(1, c))
         if (c + 1) * cfg.eval_every in wanted:
             out[(c + 1) * cfg.eval_every] = take()
     return out
@@ -432,10 +432,10 @@ def dry_run(sweep: Sweep, devices=None, vectorize: bool | None = None) -> dict:
     compile_s = time.perf_counter() - t
     hp = _batch_hparams(sweep, np.arange(min(per_batch, sweep.n_runs)), per_batch, program)
     one = train.make_program(static, devices, vectorize, evals=1).chunk  # one evaluation interval
-    state, metrics = one(init(hp), hp, np.int32(0))  # compiles, and warms up
+    state, metrics = one(init(hp), hp, train.first_evals(per_batch))  # compiles, and warms up
     jax.block_until_ready(metrics)
     t = time.perf_counter()
-    state, metrics = one(state, hp, np.int32(1))
+    state, metrics = one(state, hp, train.first_evals(per_batch, 1))
     jax.block_until_ready(metrics)
     interval_s = time.perf_counter() - t
     n_batches = -(-sweep.n_runs // per_batch)

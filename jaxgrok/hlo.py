@@ -67,7 +67,7 @@ def audit(sweep, n_runs: int = 8) -> dict:
     """The audit of a sweep's vmapped chunk for `n_runs` runs on one device of this backend."""
     program = train.make_program(sweep.static, jax.devices()[:1], vectorize=True)
     hp, state = train.abstract_inputs(program, n_runs)
-    lowered = program.chunk.lower(state, hp, np.int32(0))
+    lowered = program.chunk.lower(state, hp, train.first_evals(n_runs))
     text = lowered.as_text()
     dots, over, batched = dots_over_runs(text, n_runs)
     compiled = compiled_ops(lowered.compile().as_text())

@@ -166,7 +166,7 @@ def compile_batch(program: train.Program, per_batch: int):
     allocated on the device before we know that the batch fits."""
     hp, state = train.abstract_inputs(program, per_batch)
     init = program.init.lower(hp).compile()
-    chunk = program.chunk.lower(state, hp, np.int32(0)).compile()
+    chunk = program.chunk.lower(state, hp, train.first_evals(per_batch)).compile()
     return init, chunk
 
 

@@ -2,7 +2,8 @@
 
 `make_program(static)` does all Python-side setup once (the task table, the model, the optimizer
 recipe, the progress measures) and returns `init(hparams) -> state` and `chunk(state, hparams,
-first_eval) -> (state, metrics)`, both jitted once. A chunk is `lax.scan` over evaluations, each
+first_eval) -> (state, metrics)`, both jitted once. `first_eval` is per run (int32[runs]): the
+evaluations each run has done, so that a batch may hold runs at different points of training. A chunk is `lax.scan` over evaluations, each
 `eval_every` optimizer steps followed by one evaluation on the full table: losses, accuracies and the
 measures of jaxgrok/measures; nothing leaves the device inside a chunk. Swept values (seeds, weight
 decay, learning rate, init scale, train fraction) are *arguments* with a leading run axis; whatever
@@ -56,7 +57,7 @@ class Program(NamedTuple):
     """A sweep's compiled program: init and chunk, with the model, task table and sharding they were built for."""
 
     init: Callable  # Hparams -> RunState
-    chunk: Callable  # (RunState, Hparams, first_eval) -> (RunState, metrics float32[runs, evals, len(METRICS)])
+    chunk: Callable  # (RunState, Hparams, first_eval int32[runs]) -> (RunState, metrics float32[runs, evals, len(METRICS)])
     model: models.Model
     table: tasks.Table
     sharding: NamedSharding
@@ -104,6 +105,11 @@ def with_precision(model: models.Model, precision: str) -> models.Model:
     return model._replace(apply=apply, features=features if model.features is not None else None)
 
 
+def first_evals(n_runs: int, first: int = 0) -> np.ndarray:
+    """The chunk's `first_eval` for `n_runs` runs that have all done `first` evaluations."""
+    return np.full(n_runs, first, np.int32)
+
+
 def abstract_inputs(program: Program, n_runs: int) -> tuple[Hparams, RunState]:
     """The shapes, dtypes and shardings of a batch's Hparams (those of `hparams_for`) and RunState:
     enough to lower and compile both programs ahead, with nothing allocated."""
@@ -136,10 +142,10 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None, ev
     s = _setup(static, vectorize)
     n_evals = evals or evals_per_chunk(static)
     mesh = Mesh(np.asarray(devices), ("runs",))
-    runs, replicated = NamedSharding(mesh, P("runs")), NamedSharding(mesh, P())
+    runs = NamedSharding(mesh, P("runs"))
     init = jax.jit(jax.vmap(partial(init_run, s)), in_shardings=runs, out_shardings=runs)
-    sharded = _over_devices(partial(chunk_run, s, n_evals), mesh, vectorize)
-    chunk = jax.jit(sharded, in_shardings=(runs, runs, replicated), out_shardings=(runs, runs), donate_argnums=0)
+    sharded = _over_devices(partial(chunk_run, s, n_evals), mesh, vectorize, measures.cadences(static), n_evals)
+    chunk = jax.jit(sharded, in_shardings=(runs, runs, runs), out_shardings=(runs, runs), donate_argnums=0)
     return Program(init, chunk, s.model, s.table, runs, n_evals, _spectrum0(s, mesh, vectorize))
 
 
@@ -186,16 +192,24 @@ def _setup(static: Static, vectorize: bool) -> Setup:
                  measures.n_frequencies(static, table.n_symbols), measure, llc_batch)
 
 
-def _over_devices(chunk_run_: Callable, mesh: Mesh, vectorize: bool) -> Callable:
+def _over_devices(chunk_run_: Callable, mesh: Mesh, vectorize: bool, cadences: tuple[int, ...],
+                  n_evals: int) -> Callable:
     """One run's chunk over a run-sharded batch: each device trains its own shard of the run axis
-    and nothing crosses devices. The evaluation counter `first_eval` is one scalar for all runs."""
+    and nothing crosses devices. Each run counts its own evaluations (`first_eval`, per run)."""
     if vectorize:  # accelerators: all of a device's runs in one wide kernel
-        per_device = jax.vmap(chunk_run_, in_axes=(0, 0, None))
+        def per_device(state, hp, e):
+            # A measure at its own cadence is computed where *some* run of the device is due (one
+            # real branch for all), and kept for the runs that are: a per-run predicate under vmap
+            # would compute it at every evaluation.
+            at = e[:, None] + jnp.arange(n_evals, dtype=jnp.int32)
+            gates = {every: measures.due(at, every).any(0) for every in cadences}
+            return jax.vmap(chunk_run_, in_axes=(0, 0, 0, None))(state, hp, e, gates)
     else:
         # CPU: one run after another. XLA's batched CPU kernels (and the scatter-adds that batched
         # gathers turn into) are slower per run than unbatched ones; each core is a device instead.
-        per_device = lambda state, hp, e: jax.lax.map(lambda a: chunk_run_(*a, e), (state, hp))  # noqa: E731
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(P("runs"), P("runs"), P()), out_specs=P("runs"))
+        # Each run's own evaluation counter decides its measures' branches.
+        per_device = lambda state, hp, e: jax.lax.map(lambda a: chunk_run_(*a), (state, hp, e))  # noqa: E731
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P("runs"), P("runs"), P("runs")), out_specs=P("runs"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,9 +317,10 @@ def _loss_on(s: Setup, params, key, size: int, order, n_train):
     return minibatch_loss(s, params, order, n_train, key, size, at_most_n_train=size >= s.static.n_train_min)
 
 
-def evaluate(s: Setup, state: RunState, hp: Hparams, eval_index) -> tuple[jax.Array, jax.Array]:
+def evaluate(s: Setup, state: RunState, hp: Hparams, eval_index, gates=None) -> tuple[jax.Array, jax.Array]:
     """One run's metrics on the full table (float32[len(METRICS)], NaN once diverged) and its
-    embedding's Fourier spectrum."""
+    embedding's Fourier spectrum. `gates`: cadence -> whether some run of the device is due (vmapped
+    runs), or None (the run's own `eval_index` decides)."""
     logits = s.model.apply(state.params, s.inputs)
     loss = _loss(s, logits, s.targets)
     correct = (logits.argmax(-1) == s.targets).astype(jnp.float32)
@@ -325,20 +340,23 @@ def evaluate(s: Setup, state: RunState, hp: Hparams, eval_index) -> tuple[jax.Ar
     features = (lambda p: s.model.features(p, s.inputs)) if s.model.features is not None else None  # noqa: E731
     values, energies = s.measure(measures.Inputs(state.params, state.params0, logits, state.is_train,
                                                  train_loss, batch_loss, key, eval_index, state.opt_state, loss_on,
-                                                 features))
+                                                 features, gates))
     m = jnp.concatenate([m.astype(jnp.float32), values])  # curves are float32 whatever the precision
     return jnp.where(state.diverged, jnp.nan, m), energies  # a diverged run's curve stops here
 
 
-def chunk_run(s: Setup, n_evals: int, state: RunState, hp: Hparams, first_eval):
-    """`n_evals` evaluations of one run, each after `eval_every` steps: (state, metrics[n_evals, len(METRICS)])."""
+def chunk_run(s: Setup, n_evals: int, state: RunState, hp: Hparams, first_eval, gates=None):
+    """`n_evals` evaluations of one run, each after `eval_every` steps: (state, metrics[n_evals,
+    len(METRICS)]). `first_eval`: the evaluations the run has done; `gates`: see evaluate (each
+    bool[n_evals])."""
     TRACES["chunk"] += 1  # runs at trace time only
     cfg = s.static.train
 
-    def block(state, eval_index):
+    def block(state, xs):
+        eval_index, gate = xs
         state = jax.lax.fori_loop(0, cfg.eval_every, lambda _, st: train_step(s, st, hp), state)
-        metrics, energies = evaluate(s, state, hp, eval_index)
+        metrics, energies = evaluate(s, state, hp, eval_index, gate)
         return (state._replace(energies=energies) if s.n_freqs else state), metrics
 
     with matmul_precision(cfg.precision):
-        return jax.lax.scan(block, state, first_eval + jnp.arange(n_evals, dtype=jnp.int32))
+        return jax.lax.scan(block, state, (first_eval + jnp.arange(n_evals, dtype=jnp.int32), gates))

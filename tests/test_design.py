@@ -4,7 +4,6 @@ dtype promotion and no hidden host transfer inside a chunk (one trace per sweep:
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxgrok import train
 
@@ -22,8 +21,8 @@ def _chunk_twice(sweep, guard: bool = False):
     """Init and two chunks of every run on one device; the second under the transfer guard."""
     program = train.make_program(sweep.static, devices=jax.devices()[:1])
     hp = jax.device_put(train.hparams_for(sweep, np.arange(sweep.n_runs)), program.sharding)
-    replicated = NamedSharding(program.sharding.mesh, PartitionSpec())
-    first, second = (jax.device_put(np.int32(e), replicated) for e in (0, program.evals_per_chunk))
+    first, second = (jax.device_put(train.first_evals(sweep.n_runs, e), program.sharding)
+                     for e in (0, program.evals_per_chunk))
     state, m0 = program.chunk(program.init(hp), hp, first)
     m0 = np.asarray(m0)
     if guard:  # any implicit host<->device copy inside the chunk is an error here

@@ -114,7 +114,7 @@ def test_integers_at_the_int32_limit_are_refused_or_compile(tmp_path):
         program = train.make_program(sweep.static, evals=1)
         hp, state = train.abstract_inputs(program, program.sharding.mesh.size)
         program.init.lower(hp)
-        program.chunk.lower(state, hp, np.int32(0))
+        program.chunk.lower(state, hp, train.first_evals(program.sharding.mesh.size))
         checked += 1
     assert checked >= 5  # warm-up, chunk size, batch cap, phase gap, the measures' cadences
 

@@ -15,7 +15,7 @@ from jaxgrok.store import Store
 def _chunk_text(sweep) -> str:
     program = train.make_program(sweep.static, jax.devices()[:1])
     hp, state = train.abstract_inputs(program, 1)
-    return program.chunk.lower(state, hp, np.int32(0)).as_text()
+    return program.chunk.lower(state, hp, train.first_evals(1)).as_text()
 
 
 def test_precision_is_in_the_run_hash_but_float32_keeps_the_old_one(tiny_sweep):

@@ -68,12 +68,15 @@ class Eval(NamedTuple):
     train_loss: jax.Array  # full-batch training loss at params
     batch_loss: Callable  # (params, key) -> loss on a minibatch of the run's training pairs
     key: jax.Array  # randomness for this run and evaluation (the LLC's SGLD)
-    eval_index: jax.Array  # unbatched int32: the evaluation's number in the run (0 = first)
+    eval_index: jax.Array  # int32: the evaluation's number in the run (0 = first)
     opt_state: object = None  # the run's optimizer state (Adam's second moments, for precond_sharpness)
     loss_on: Callable | None = None  # (params, key, size) -> training loss on `size` pairs (0: all of them)
     # params -> (h [N, D], W_out): the model's penultimate features on the full table and its output
     # weight (Model.features; None: the model has none)
     features: Callable | None = None
+    # cadence -> bool: some run of the device is due (vmapped runs: one real branch for all); None:
+    # the run's own eval_index decides
+    gates: dict | None = None
 
 
 Inputs = Eval  # the name train.py passes them under
@@ -275,20 +278,30 @@ def n_frequencies(static, n_symbols: int) -> int:
     return n_symbols // 2 if on else 0
 
 
-def _due(eval_index, every: int):
+def due(eval_index, every: int):
     """The first evaluation, then every `every`-th."""
     return (eval_index == 0) | ((eval_index + 1) % every == 0)
 
 
+def cadences(static) -> tuple[int, ...]:
+    """The cadences (in evaluations) of the measures that are on and taken at their own."""
+    cfg = static.measures
+    return tuple(sorted({getattr(cfg, m.every) for m in MEASURES if m.every and getattr(cfg, m.switch)}))
+
+
 def _at_cadence(measure: Measure, every: int, x: Eval, c: Context):
-    # A real branch: eval_index is the same for every run (not batched), so the evaluations that
-    # are not due skip the computation. NaN shaped like a per-run value (inside shard_map it must
-    # vary over runs too).
+    # A real branch: the evaluations that are not due skip the computation. Under vmap the branch is
+    # taken where some run is due (x.gates), and each run keeps its value only where it is itself.
+    # NaN shaped like a per-run value (inside shard_map it must vary over runs too).
     import jax
     import jax.numpy as jnp
 
     nan = tuple(jnp.full_like(x.train_loss, jnp.nan) for _ in measure.columns)
-    return jax.lax.cond(_due(x.eval_index, every), lambda: tuple(measure.compute(x, c)), lambda: nan)
+    own = due(x.eval_index, every)
+    if x.gates is None:
+        return jax.lax.cond(own, lambda: tuple(measure.compute(x, c)), lambda: nan)
+    values = jax.lax.cond(x.gates[every], lambda: tuple(measure.compute(x, c)), lambda: nan)
+    return tuple(jnp.where(own, v, n) for v, n in zip(values, nan, strict=True))
 
 
 def build(static, model, table, loss: Callable, vectorize: bool = True) -> Callable:
