@@ -36,6 +36,7 @@ class Progress:
     batch: int
     n_batches: int
     compiled_s: float | None = None  # set once, when compiling is done and training starts
+    trained: int = 0  # model-steps trained so far (steps_done counts a retired run's whole budget)
 
 
 @dataclass
@@ -52,6 +53,8 @@ class SweepResult:
     train_s: float
     runs_per_batch: int = 0
     batch_bytes: int | None = None  # per device, as XLA reports it for the compiled programs (None: not reported)
+    stopped_at: np.ndarray | None = None  # [runs]: where a retired run's curves end (NaN: its whole budget)
+    trained_steps: int = 0  # model-steps trained (fewer than runs × steps where runs retired)
 
 
 def _global(tree, sharding):
@@ -93,12 +96,17 @@ def _in_precision(fn):
     return wrapped
 
 
-def _runs_table(sweep, index, curves, outcomes, energies, energies0):
+def _runs_table(sweep, index, curves, outcomes, energies, energies0, ends):
+    """The runs table of finished runs; `ends`: the evaluations each has (fewer where it retired)."""
     share = sweep.static.measures.key_freq_share
     key_freqs = measures.key_frequencies(energies, share) if sweep.static.measures.fourier else None
     p = tasks.sizes(sweep.static.task).n_symbols
     ticket = measures.initial_key_share(energies0, key_freqs, p) if key_freqs is not None else None
-    return results.runs_table(sweep, index, outcomes, {m: c[:, -1] for m, c in curves.items()}, key_freqs, ticket)
+    last = np.maximum(ends, 1) - 1
+    finals = {m: c[np.arange(len(c)), last] for m, c in curves.items()}
+    cfg = sweep.static.train
+    stopped_at = np.where(ends < cfg.steps // cfg.eval_every, (last + 1) * cfg.eval_every, np.nan)
+    return results.runs_table(sweep, index, outcomes, finals, key_freqs, ticket, stopped_at)
 
 
 def _batch_hparams(sweep: Sweep, rows: np.ndarray, per_batch: int, program: train.Program):
@@ -121,21 +129,33 @@ def _stop_requested(store: Store) -> bool:
     return bool(signals.any())
 
 
+def _slots_of(cursor: dict) -> list[tuple[str | None, int]]:
+    """A checkpoint's slots: (its run's hash, None where idle; the steps that run has done). A cursor
+    from before slots names the runs of a batch that moved in step, its padding at the end."""
+    if "slots" in cursor:
+        return [(h, int(n)) for h, n in cursor["slots"]]
+    hashes = list(cursor["run_hashes"])
+    return [(h, int(cursor.get("steps_done", 0))) for h in hashes] + [(None, 0)] * (
+        int(cursor.get("runs_per_batch", len(hashes))) - len(hashes))
+
+
 def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) -> tuple[list[np.ndarray], bool]:
-    """The batches to train: a checkpointed batch first (exactly its runs), then the pending runs.
-    A checkpoint that a changed sweep file no longer covers stops the sweep with one line; one that
-    cannot be taken back as it is (another batch size, an older format) is said and dropped: its
-    runs train from step 0, as in a fresh run."""
+    """The batches to train: a checkpointed batch first (exactly its runs that are not done), then
+    the pending runs. A checkpoint that a changed sweep file no longer covers stops the sweep with
+    one line; one that cannot be taken back as it is (another batch size, an older format) is said
+    and dropped: its runs train from step 0, as in a fresh run."""
     todo = index if store is None else store.pending(index)
     batches, resume = [], False
     if store is not None and (cursor := store.checkpointed_batch()):
-        position = {h: i for i, h in enumerate(sweep.run_hashes)}
-        if set(cursor["run_hashes"]) <= store.done_hashes():
-            # Killed after the batch's parts were committed and before its checkpoints were
-            # deleted: the parts hold all its runs, so the checkpoint says nothing more.
+        done = store.done_hashes()
+        live = [h for h, _ in _slots_of(cursor) if h is not None and h not in done]
+        if not live:
+            # Killed after the last runs of the batch were committed and before its checkpoints
+            # were deleted: the parts hold them all, so the checkpoint says nothing more.
             store.clear_checkpoints()
             return _plan(sweep, index, per_batch, store)
-        rows = np.array([position.get(h, -1) for h in cursor["run_hashes"]])
+        position = {h: i for i, h in enumerate(sweep.run_hashes)}
+        rows = np.array([position.get(h, -1) for h in live])
         where = store.manager.directory
         if not ((rows >= 0).all() and np.isin(rows, todo).all()):
             said = said_differences(cursor.get("sweep", {}), sweep.resolved) or "its runs"
@@ -186,14 +206,13 @@ def _train_sweep(sweep, index, devices, on_chunk, vectorize, store) -> SweepResu
     b = 0
     while b < len(plan.batches):
         try:
-            curves, rows, energies, energies0 = _train_batch(ctx, compiled, plan, tally, b)
+            _train_batch(ctx, compiled, plan, tally, b)
         except Exception as error:  # XLA's out-of-memory error has no class of its own
             if not memory.out_of_memory(error) or compiled.per_batch == ctx.program.sharding.mesh.size:
                 raise
-            compiled, plan, seconds = _halved(ctx, compiled, plan, b)
+            compiled, plan, seconds = _halved(ctx, compiled, plan, tally, b)
             compile_s += seconds
             continue
-        _batch_done(ctx, tally, curves, rows, (energies, energies0), len(plan.batches[b]))
         b += 1
     return _result(ctx, tally, compile_s, compiled)
 
@@ -243,27 +262,45 @@ class _Plan:
 
 @dataclass
 class _Tally:
-    """What this call has trained so far: the finished batches' runs, and the display's counts."""
+    """What this call has trained so far: its finished runs, and the display's counts."""
 
     start: float  # when training began (after compiling)
-    total: int  # model-steps to train, all processes
-    trained_here: int = 0  # model-steps done, scaled to all processes
-    finished: int = 0  # runs of finished batches, all processes
-    curves: list[np.ndarray] = field(default_factory=list)
-    energies: list[np.ndarray] = field(default_factory=list)
-    rows: list[np.ndarray] = field(default_factory=list)
+    total: int  # model-steps a fixed budget costs, all processes
+    trained_here: int = 0  # model-steps trained, scaled to all processes
+    finished: int = 0  # runs finished, all processes
+    memorised: int = 0  # of this process's finished runs
+    grokked: int = 0
+    runs: list[_Finished] = field(default_factory=list)  # this process's finished runs
+
+
+@dataclass
+class _Finished:
+    """A run that has finished: its whole budget, or retired (its curves end at evaluation `end`)."""
+
+    row: int  # its position in sweep.runs
+    curves: np.ndarray  # float32[evals, len(METRICS)], NaN past `end`
+    end: int  # the evaluations it has
+    energies: np.ndarray  # float32[K]: its final spectrum
+    energies0: np.ndarray  # float32[K]: its step-0 spectrum
 
 
 @dataclass
 class _Batch:
-    """The batch in training: its runs, its padded Hparams, and its curves so far."""
+    """The batch in training, slot by slot: each slot holds a run until it finishes or retires,
+    then (with stop_after_grokking) the next pending run."""
 
     b: int  # its position in the plan
-    rows: np.ndarray  # its runs (all processes')
+    slots: np.ndarray  # int64[per_batch]: each slot's run (a position in sweep.runs); -1: idle
+    hp_rows: np.ndarray  # int64[per_batch]: the run whose Hparams each slot holds (an idle slot keeps its last)
+    evals: np.ndarray  # int64[per_batch]: the evaluations each slot's run has done
     hp: train.Hparams
-    local: np.ndarray  # the rows of the padded batch that this process holds
-    mine: np.ndarray  # ...and of those, the real runs
-    curves: np.ndarray  # float32[per_batch, evals, len(METRICS)], NaN where not yet trained
+    local: np.ndarray  # the slots that this process holds
+    curves: np.ndarray  # float32[per_batch, evals, len(METRICS)]: each slot's run's so far, NaN where not yet trained
+    unwritten: list[_Finished] = field(default_factory=list)  # this process's finished runs not yet in parts/
+
+    def live(self) -> np.ndarray:
+        """The slots whose run still has evaluations to do."""
+        return (self.slots >= 0) & (self.evals < self.curves.shape[1])
 
 
 def _agreed_plan(ctx: _Context, index: np.ndarray, per_batch: int, compile_s: float) -> _Plan:
@@ -278,85 +315,209 @@ def _agreed_plan(ctx: _Context, index: np.ndarray, per_batch: int, compile_s: fl
     return _Plan(batches, resume)
 
 
-def _train_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, tally: _Tally, b: int):
-    """Train batch `b` of the plan, from its checkpoint if it has one, and return this process's
-    (curves, rows, final spectra) of its real runs. With a store, the batch is checkpointed every
-    few chunks and on a signal (then Interrupted is raised)."""
-    batch, state, first = _begin_batch(ctx, compiled, plan, b)
-    cfg, store, epc = ctx.sweep.static.train, ctx.store, ctx.program.evals_per_chunk
-    # (first evaluation, evaluations, compiled chunk) for what is left of the run
-    todo = [(first, epc - first % epc, ctx.catch_up(epc - first % epc))] if first % epc else []
-    todo += [(e0, epc, compiled.chunk) for e0 in range(first + (-first) % epc, ctx.n_evals, epc)]
-    pending = None
-    for k, (e0, n, run_chunk) in enumerate(todo):
-        # The evaluation counter makes the measures' cadence and randomness count from the run's
-        # start, whatever the chunking.
-        state, metrics = run_chunk(state, batch.hp, _global(train.first_evals(len(batch.curves), e0), ctx.program.sharding))
-        if pending is not None:
+def _train_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, tally: _Tally, b: int) -> None:
+    """Train batch `b` of the plan, from its checkpoint if it has one, until each of its slots is
+    done; with stop_after_grokking, slots that retired runs leave take the plan's next runs. With a
+    store, finished runs become part files and the batch is checkpointed every few chunks and on
+    a signal (then Interrupted is raised)."""
+    batch, state = _begin_batch(ctx, compiled, plan, b)
+    store, epc, k, pending = ctx.store, ctx.program.evals_per_chunk, 0, None
+    retiring = ctx.sweep.static.train.stop_after_grokking > 0
+    while (live := batch.live()).any():
+        e_ref = int(batch.evals[live][0])  # slots that moved in step share a chunk boundary
+        n = epc - e_ref % epc  # a resume from a checkpoint between two chunks of another size: one shorter
+        run_chunk = compiled.chunk if n == epc else ctx.catch_up(n)
+        # An idle slot counts with a live one: no measure's branch is taken for it alone.
+        first = np.where(batch.slots >= 0, batch.evals, e_ref).astype(np.int32)
+        state, metrics = run_chunk(state, batch.hp, _global(first, ctx.program.sharding))
+        if pending is not None:  # collected behind the chunk just queued: the device keeps working
             _collect(ctx, tally, batch, len(plan.batches), *pending)
-        pending = (e0, n, metrics)
-        if store is not None and e0 + n < ctx.n_evals and (
-                _stop_requested(store) or (k + 1) % store.checkpoint_every == 0):
+        pending = (batch.slots.copy(), batch.evals.copy(), n, metrics)
+        batch.evals = np.where(batch.slots >= 0, batch.evals + n, batch.evals)
+        k += 1
+        ending = (~batch.live() & (batch.slots >= 0)).any()
+        ahead = batch.live().any() or (retiring and _queued(plan, b))
+        checkpoint = store is not None and ahead and (_stop_requested(store) or k % store.checkpoint_every == 0)
+        if retiring or ending or checkpoint:  # decided on this chunk's curves: collect it now
             _collect(ctx, tally, batch, len(plan.batches), *pending)
             pending = None
-            _checkpoint(ctx, batch, state, (e0 + n) * cfg.eval_every)
+            _settle(ctx, tally, batch, state, retiring)
+            if retiring:
+                state = _refill(ctx, compiled, plan, batch, state)
+        if checkpoint and batch.live().any():
+            _checkpoint(ctx, tally, batch, state)
     if pending is not None:
         _collect(ctx, tally, batch, len(plan.batches), *pending)
-    pos, energies = _local(state.energies)  # the final spectrum: each run's key frequencies
+        _settle(ctx, tally, batch, state, retiring)
+    _commit(ctx, tally, batch, last=True)
+
+
+def _queued(plan: _Plan, b: int) -> bool:
+    """Whether runs wait in the batches after `b`."""
+    return any(len(rows) for rows in plan.batches[b + 1:])
+
+
+def _take(plan: _Plan, b: int, n: int) -> np.ndarray:
+    """Up to `n` runs from the front of the batches after `b`, now batch `b`'s (so that a batch that
+    runs out of memory hands them back)."""
+    taken, wanted = [], n
+    for j in range(b + 1, len(plan.batches)):
+        got = plan.batches[j][:wanted]
+        plan.batches[j] = plan.batches[j][len(got):]
+        taken.append(got)
+        wanted -= len(got)
+    plan.batches[b + 1:] = [rows for rows in plan.batches[b + 1:] if len(rows)]
+    taken = np.concatenate(taken) if taken else np.zeros(0, np.int64)
+    plan.batches[b] = np.concatenate([plan.batches[b], taken])
+    return taken
+
+
+def _begin_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, b: int) -> tuple[_Batch, train.RunState]:
+    """Batch `b`'s initial state, or its checkpointed one on a resume (its slots as they were)."""
+    rows, per_batch = plan.batches[b], compiled.per_batch
+    n_evals, every = ctx.n_evals, ctx.sweep.static.train.eval_every
+    curves = np.full((per_batch, n_evals, len(train.METRICS)), np.nan, np.float32)
+    slots, evals, got = np.full(per_batch, -1, np.int64), np.zeros(per_batch, np.int64), None
+    slots[:len(rows)] = rows
+    if b == 0 and plan.resume:
+        probe = compiled.init(_global(train.hparams_for(ctx.sweep, np.resize(rows, per_batch)), ctx.program.sharding))
+        got = ctx.store.restore(_abstract(probe, curves, ctx.program.sharding))
+    if got is not None:  # the slots of the checkpoint that was read (perhaps older than the one planned)
+        state, saved_curves, cursor = got
+        position, done = {h: i for i, h in enumerate(ctx.sweep.run_hashes)}, ctx.store.done_hashes()
+        saved = _slots_of(cursor)
+        queued = np.concatenate([rows, *plan.batches[b + 1:]])
+        slots = np.array([position.get(h, -1) if h is not None and h not in done else -1 for h, _ in saved])
+        slots = np.where(np.isin(slots, queued), slots, -1)  # only runs that this call is to train
+        hp_rows = np.array([position.get(h, -1) if h is not None else -1 for h, _ in saved])
+        evals = np.array([n // every for _, n in saved], np.int64)
+        # Runs that the plan gave this batch and the checkpoint read does not hold go back to the queue.
+        queued = queued[~np.isin(queued, slots)]
+        plan.batches[b] = slots[slots >= 0]
+        plan.batches[b + 1:] = [queued[j:j + per_batch] for j in range(0, len(queued), per_batch)]
+    else:
+        hp_rows = slots.copy()
+    fill = slots[slots >= 0][0] if (slots >= 0).any() else max(hp_rows.max(), 0)
+    hp_rows = np.where(hp_rows >= 0, hp_rows, fill)  # padding: copies of a run, so that nothing recompiles
+    hp = _global(train.hparams_for(ctx.sweep, hp_rows), ctx.program.sharding)
+    if got is None:
+        state = compiled.init(hp)
+    local, _ = _local(hp.seed)
+    batch = _Batch(b, slots, hp_rows, evals, hp, local, curves)
+    if got is not None:
+        curves[local] = _local(saved_curves)[1]
+        curves[slots < 0] = np.nan
+    return batch, state
+
+
+def _collect(ctx: _Context, tally: _Tally, batch: _Batch, n_batches: int, slots, evals, n: int, metrics) -> None:
+    """Take a chunk's metrics into each slot's curves (`slots` and `evals`: as the chunk began) and
+    tell the display."""
+    cfg = ctx.sweep.static.train
+    # Host sync: blocks until this chunk is done (the next one may already be queued behind it).
+    pos, data = _local(metrics)
+    for e0 in np.unique(evals[pos][slots[pos] >= 0]):  # slots that moved in step: one copy
+        at = (slots[pos] >= 0) & (evals[pos] == e0)
+        m = min(n, ctx.n_evals - int(e0))  # a run that ends inside the chunk keeps its own evaluations
+        batch.curves[pos[at], e0:e0 + m] = data[at, :m]
+    # Processes move in step, so this process's share scales to the whole.
+    tally.trained_here += int((slots >= 0).sum()) * n * cfg.eval_every
+    if ctx.on_chunk:
+        live = batch.local[batch.slots[batch.local] >= 0]
+        memorised, grokked = _counts(ctx, batch.curves[live], np.minimum(batch.evals[live], ctx.n_evals))
+        steps_done = (tally.finished * cfg.steps
+                      + int(np.minimum(batch.evals[batch.slots >= 0], ctx.n_evals).sum()) * cfg.eval_every)
+        ctx.on_chunk(Progress(steps_done, tally.total, tally.memorised + memorised, tally.grokked + grokked,
+                              tally.trained_here / max(time.perf_counter() - tally.start, 1e-9), batch.b, n_batches,
+                              trained=tally.trained_here))
+
+
+def _counts(ctx: _Context, curves: np.ndarray, done: np.ndarray) -> tuple[int, int]:
+    """(memorised, grokked) among runs with these curves [runs, evals, M], `done` evaluations each:
+    memorised once training accuracy reached the threshold, grokked while validation accuracy is at
+    it at the run's latest evaluation (a live count: t_val asks that it stays)."""
+    if not len(curves):
+        return 0, 0
+    thr = ctx.sweep.static.grokking.threshold
+    train_acc, val_acc = (curves[..., train.METRICS.index(m)] for m in ("train_acc", "val_acc"))
+    latest = val_acc[np.arange(len(curves)), np.maximum(done, 1) - 1]
+    return int((train_acc >= thr).any(1).sum()), int(((latest >= thr) & (done > 0)).sum())
+
+
+def _settle(ctx: _Context, tally: _Tally, batch: _Batch, state, retiring: bool) -> None:
+    """After a collected chunk: the slots whose run has done its budget, or (`retiring`) has retired
+    by grokking.retire, hand their run over as finished (to be written) and fall idle."""
+    cfg, n_evals = ctx.sweep.static.train, ctx.n_evals
+    keep = np.zeros(len(batch.slots), np.int64)  # the evaluations a finished run keeps
+    if retiring:
+        mine = batch.local[batch.slots[batch.local] >= 0]
+        c = batch.curves[mine]
+        losses = c[..., train.METRICS.index("train_loss")] + c[..., train.METRICS.index("val_loss")]
+        keep[mine] = grokking.retire(c[..., train.METRICS.index("val_acc")], losses,
+                                     np.minimum(batch.evals[mine], n_evals), cfg.eval_every,
+                                     ctx.sweep.static.grokking.threshold, cfg.stop_after_grokking)
+        keep = _agreed_max(keep)  # each process decides for its own slots
+    budget = (batch.slots >= 0) & (batch.evals >= n_evals)
+    keep = np.where(budget & (keep == 0), n_evals, keep)
+    ended = (batch.slots >= 0) & (keep > 0)
+    if not ended.any():
+        return
+    pos, energies = _local(state.energies)  # the spectrum where each run stopped (a retired run is frozen)
     energies = energies[:, :measures.n_frequencies(ctx.sweep.static, ctx.program.table.n_symbols)]  # not the placeholder
     spectrum0 = ctx.program.spectrum0
     energies0 = _local(spectrum0(state.params0))[1] if spectrum0 else np.zeros_like(energies)  # step 0's, of the same runs
-    mine = np.isin(pos, batch.mine)  # with several processes, each keeps its own
-    return batch.curves[batch.mine], batch.rows[batch.mine], energies[mine], energies0[mine]
+    for i, slot in enumerate(pos):
+        if ended[slot]:
+            curves = batch.curves[slot].copy()
+            curves[keep[slot]:] = np.nan
+            done = _Finished(int(batch.slots[slot]), curves, int(keep[slot]), energies[i], energies0[i])
+            batch.unwritten.append(done)
+            memorised, grokked = _counts(ctx, curves[None], np.array([done.end]))
+            tally.memorised, tally.grokked = tally.memorised + memorised, tally.grokked + grokked
+    tally.finished += int(ended.sum())
+    batch.slots = np.where(ended, -1, batch.slots)
+    batch.curves[ended] = np.nan
 
 
-def _begin_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, b: int) -> tuple[_Batch, train.RunState, int]:
-    """Batch `b`'s initial state, or its checkpointed one on a resume, and the evaluations it has done."""
-    rows = plan.batches[b]
-    hp = _batch_hparams(ctx.sweep, rows, compiled.per_batch, ctx.program)
-    state = compiled.init(hp)
-    local, _ = _local(hp.seed)
-    curves = np.full((compiled.per_batch, ctx.n_evals, len(train.METRICS)), np.nan, np.float32)
-    batch = _Batch(b, rows, hp, local, local[local < len(rows)], curves)
-    first = 0  # evaluations done
-    if b == 0 and plan.resume and (got := ctx.store.restore(_abstract(state, curves, ctx.program.sharding))):
-        state, saved_curves, steps_done = got
-        curves[local] = _local(saved_curves)[1]
-        first = steps_done // ctx.sweep.static.train.eval_every
-    return batch, state, first
+def _agreed_max(values: np.ndarray) -> np.ndarray:
+    """The elementwise maximum of `values` over processes (each fills in its own slots)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(values).max(0)
 
 
-def _collect(ctx: _Context, tally: _Tally, batch: _Batch, n_batches: int, e0: int, n: int, metrics) -> None:
-    """Take a chunk's metrics into the batch's curves and tell the display."""
-    cfg = ctx.sweep.static.train
-    # Host sync: blocks until this chunk is done (the next one is already queued behind it).
-    pos, data = _local(metrics)
-    batch.curves[pos, e0:e0 + n] = data
-    # Processes move in step, so this process's share scales to the whole.
-    tally.trained_here += len(batch.rows) * n * cfg.eval_every
-    if ctx.on_chunk:
-        thr = ctx.sweep.static.grokking.threshold
-        acc = train.METRICS.index("train_acc"), train.METRICS.index("val_acc")
-        counts = [grokking.progress_counts(c_[..., acc[0]], c_[..., acc[1]], thr)
-                  for c_ in tally.curves + [batch.curves[batch.mine, :e0 + n]]]
-        steps_done = tally.finished * cfg.steps + len(batch.rows) * (e0 + n) * cfg.eval_every
-        ctx.on_chunk(Progress(steps_done, tally.total, sum(m for m, _ in counts), sum(g for _, g in counts),
-                              tally.trained_here / max(time.perf_counter() - tally.start, 1e-9), batch.b, n_batches))
+def _refill(ctx: _Context, compiled: _Compiled, plan: _Plan, batch: _Batch, state):
+    """Give the idle slots the plan's next runs, each from its initial state (the same on every
+    process: the plan and the idle slots are)."""
+    idle = np.flatnonzero(batch.slots < 0)
+    new = _take(plan, batch.b, len(idle))
+    if not len(new):
+        return state
+    slots = idle[:len(new)]
+    batch.slots[slots], batch.hp_rows[slots], batch.evals[slots] = new, new, 0
+    batch.hp = _global(train.hparams_for(ctx.sweep, batch.hp_rows), ctx.program.sharding)
+    mask = np.zeros(len(batch.slots), bool)
+    mask[slots] = True
+    return ctx.program.refill(_global(mask, ctx.program.sharding), compiled.init(batch.hp), state)
 
 
-def _checkpoint(ctx: _Context, batch: _Batch, state, steps_done: int) -> None:
-    """Checkpoint the batch in progress; then stop if a signal asked for it."""
-    store, curves = ctx.store, batch.curves
+def _checkpoint(ctx: _Context, tally: _Tally, batch: _Batch, state) -> None:
+    """Write the finished runs, then checkpoint the batch in progress; then stop if a signal asked for it."""
+    _commit(ctx, tally, batch, last=False)
+    store, curves, every = ctx.store, batch.curves, ctx.sweep.static.train.eval_every
     global_curves = jax.make_array_from_process_local_data(ctx.program.sharding, curves[batch.local], curves.shape)
-    store.save(state, global_curves, [ctx.sweep.run_hashes[r] for r in batch.rows], steps_done)
+    hashes = [ctx.sweep.run_hashes[r] if r >= 0 else None for r in batch.slots]
+    store.save(state, global_curves, list(zip(hashes, (batch.evals * every).tolist())))
     if store.stop_signal is not None:
         raise Interrupted(store.stop_signal)
 
 
-def _halved(ctx: _Context, compiled: _Compiled, plan: _Plan, b: int) -> tuple[_Compiled, _Plan, float]:
+def _halved(ctx: _Context, compiled: _Compiled, plan: _Plan, tally: _Tally, b: int) -> tuple[_Compiled, _Plan, float]:
     """After batch `b` ran out of memory: programs compiled for half the batch, and a plan that
-    trains that batch's runs and the rest again in the smaller batches (finished batches are kept,
-    and a checkpoint of the failed one, sized for the old batch, is dropped); and the compile time."""
+    trains that batch's unfinished runs and the rest again in the smaller batches (finished runs are
+    kept, and a checkpoint of the failed one, sized for the old batch, is dropped); and the compile time."""
     n_dev = ctx.program.sharding.mesh.size
     per_batch = compiled.per_batch // n_dev // 2 * n_dev
     t = time.perf_counter()
@@ -364,37 +525,48 @@ def _halved(ctx: _Context, compiled: _Compiled, plan: _Plan, b: int) -> tuple[_C
     seconds = time.perf_counter() - t
     need = memory.batch_bytes(init, chunk, memory.metrics_bytes(ctx.program, per_batch // n_dev))
     rest = np.concatenate(plan.batches[b:])
+    rest = rest[~np.isin(rest, [f.row for f in tally.runs])]
     batches = plan.batches[:b] + [rest[k:k + per_batch] for k in range(0, len(rest), per_batch)]
     if ctx.store is not None and plan.resume and b == 0:
         ctx.store.clear_checkpoints()
     return _Compiled(per_batch, init, chunk, need), _Plan(batches, False), seconds
 
 
-def _batch_done(ctx: _Context, tally: _Tally, curves, rows, spectra, n_runs: int) -> None:
-    """Keep a finished batch's runs, and with a store commit them as part files. `spectra`: the runs'
-    final and initial embedding spectra."""
-    energies, energies0 = spectra
-    if ctx.store is not None:
+def _commit(ctx: _Context, tally: _Tally, batch: _Batch, last: bool) -> None:
+    """Keep the batch's finished runs, and with a store write them as part files (`last`: the batch
+    is done, and its checkpoints go)."""
+    done, batch.unwritten = batch.unwritten, []
+    tally.runs += done
+    if ctx.store is None or not (done or last):
+        return
+    if done:
         sweep, steps = ctx.sweep, ctx.steps
+        rows, ends = np.array([f.row for f in done]), np.array([f.end for f in done])
+        curves = np.stack([f.curves for f in done])
         named = {m: curves[..., i] for i, m in enumerate(train.METRICS)}
-        outcomes = grokking.analyse(named, steps, sweep.static.grokking)
-        ctx.store.write_batch(_runs_table(sweep, rows, named, outcomes, energies, energies0),
-                              results.curves_table(rows, steps, named, sweep.resolved, [sweep.run_hashes[i] for i in rows]))
-    tally.curves.append(curves)
-    tally.energies.append(energies)
-    tally.rows.append(rows)
-    tally.finished += n_runs
+        outcomes = grokking.analyse(named, steps, sweep.static.grokking, ends)
+        spectra = np.stack([f.energies for f in done]), np.stack([f.energies0 for f in done])
+        ctx.store.write_batch(_runs_table(sweep, rows, named, outcomes, *spectra, ends),
+                              results.curves_table(rows, steps, named, sweep.resolved,
+                                                   [sweep.run_hashes[i] for i in rows], ends), clear=last)
+    elif last:
+        ctx.store.clear_checkpoints()
 
 
 def _result(ctx: _Context, tally: _Tally, compile_s: float, compiled: _Compiled) -> SweepResult:
-    trained = np.concatenate(tally.rows) if tally.rows else np.zeros(0, np.int64)
-    all_curves = (np.concatenate(tally.curves) if tally.curves
+    runs = tally.runs
+    trained = np.array([f.row for f in runs], np.int64)
+    all_curves = (np.stack([f.curves for f in runs]) if runs
                   else np.zeros((0, ctx.n_evals, len(train.METRICS)), np.float32))
+    ends = np.array([f.end for f in runs], np.int64)
     named = {m: all_curves[..., i] for i, m in enumerate(train.METRICS)}
-    outcomes = grokking.analyse(named, ctx.steps, ctx.sweep.static.grokking)
-    energies = np.concatenate(tally.energies) if tally.energies else np.zeros((0, 0), np.float32)
+    outcomes = grokking.analyse(named, ctx.steps, ctx.sweep.static.grokking, ends)
+    k = measures.n_frequencies(ctx.sweep.static, ctx.program.table.n_symbols)
+    energies = np.stack([f.energies for f in runs]) if runs else np.zeros((0, k), np.float32)
     return SweepResult(ctx.sweep, trained, ctx.steps, named, outcomes, energies, compile_s,
-                       time.perf_counter() - tally.start, compiled.per_batch, compiled.need)
+                       time.perf_counter() - tally.start, compiled.per_batch, compiled.need,
+                       stopped_at=np.where(ends < ctx.n_evals, ctx.steps[np.maximum(ends, 1) - 1], np.nan),
+                       trained_steps=tally.trained_here)
 
 
 @_in_precision

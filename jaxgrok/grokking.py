@@ -35,11 +35,24 @@ def phases(t_train: np.ndarray, t_val: np.ndarray, gap: float) -> np.ndarray:
     )
 
 
-def analyse(curves: dict[str, np.ndarray], steps: np.ndarray, grokking_cfg) -> dict[str, np.ndarray]:
+def _cut(curves: dict[str, np.ndarray], ends: np.ndarray) -> dict[str, np.ndarray]:
+    """Curves of runs that end early (retired: `ends` evaluations each) read as if their last value
+    held: accuracies past the end count as staying, losses as finite, nothing as first reached."""
+    past = np.arange(curves["val_acc"].shape[1]) >= np.asarray(ends)[:, None]
+    return {"train_acc": np.where(past, np.nan, curves["train_acc"]), "val_acc": np.where(past, np.inf, curves["val_acc"]),
+            "train_loss": np.where(past, 0.0, curves["train_loss"]), "val_loss": np.where(past, 0.0, curves["val_loss"])}
+
+
+def analyse(curves: dict[str, np.ndarray], steps: np.ndarray, grokking_cfg, ends: np.ndarray | None = None
+            ) -> dict[str, np.ndarray]:
     """Per-run outcomes from curves (train_acc, val_acc, train_loss, val_loss: [runs, evals]).
+    `ends`: the evaluations each run has (a retired run's curves end early; None: all of them): its
+    t_val is then the first step from which validation stays at the threshold to its end.
 
     Returns t_train, t_val, delay (NaN where not reached), censored, diverged and phase arrays.
     """
+    if ends is not None:
+        curves = _cut(curves, ends)
     thr = grokking_cfg.threshold
     t_train = first_reach(curves["train_acc"], steps, thr)
     t_val = first_stays(curves["val_acc"], steps, thr)
@@ -63,3 +76,25 @@ def progress_counts(train_acc: np.ndarray, val_acc: np.ndarray, threshold: float
     memorised = int((train_acc >= threshold).any(1).sum())
     grokked = int((val_acc[:, -1:] >= threshold).sum()) if val_acc.shape[1] else 0
     return memorised, grokked
+
+
+def retire(val_acc: np.ndarray, losses: np.ndarray, done: np.ndarray, eval_every: int, threshold: float,
+           window: int) -> np.ndarray:
+    """Per run, the evaluations it keeps once it has retired, or 0 if it trains on. `val_acc` and
+    `losses` (NaN where a loss was not finite) are [runs, evals], valid up to `done` evaluations.
+    A run retires at the first evaluation where validation accuracy has stayed ≥ `threshold` for
+    `window` steps since its streak began (its t_val), keeping its curves to that evaluation; a
+    diverged run at its first non-finite evaluation. A run that has not grokked never retires. The
+    program freezes a run by the same rule (train._count_streak)."""
+    n = val_acc.shape[1]
+    valid = np.arange(n) < np.asarray(done)[:, None]
+    bad = valid & ~np.isfinite(losses)
+    diverged_at = np.where(bad.any(1), bad.argmax(1), n)
+    need = -(-window // eval_every)  # evaluations after t_val
+    ok = np.concatenate([np.zeros((len(val_acc), 1), int), np.cumsum(valid & (val_acc >= threshold), 1)], 1)
+    stayed = np.zeros_like(valid)
+    if need < n:
+        stayed[:, need:] = (ok[:, need + 1:] - ok[:, :n - need]) == need + 1  # evaluations e − need … e all ≥ it
+    retired_at = np.where(stayed.any(1), stayed.argmax(1), n)
+    first = np.minimum(diverged_at, retired_at)
+    return np.where(first < n, first + 1, 0)

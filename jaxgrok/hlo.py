@@ -16,7 +16,6 @@ import collections
 import re
 
 import jax
-import numpy as np
 
 from jaxgrok import train
 

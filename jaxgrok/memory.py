@@ -13,7 +13,6 @@ import dataclasses
 import os
 
 import jax
-import numpy as np
 
 from jaxgrok import models, tasks, train
 from jaxgrok.sweep import Static, Sweep, SweepError
@@ -166,7 +165,7 @@ def compile_batch(program: train.Program, per_batch: int):
     allocated on the device before we know that the batch fits."""
     hp, state = train.abstract_inputs(program, per_batch)
     init = program.init.lower(hp).compile()
-    chunk = program.chunk.lower(state, hp, train.first_evals(per_batch)).compile()
+    chunk = program.chunk.lower(state, hp, train.abstract_first_evals(program, per_batch)).compile()
     return init, chunk
 
 

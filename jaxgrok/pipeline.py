@@ -181,6 +181,8 @@ class Display:
         left = (p.steps_total - p.steps_done) / p.model_steps_per_s if p.model_steps_per_s > 0 else float("nan")
         info = (f"{p.steps_done:,}/{p.steps_total:,} model-steps · memorised {p.memorised} · "
                 f"grokked {p.grokked} · {p.model_steps_per_s:,.0f} model-steps/s")
+        if p.trained < p.steps_done:  # runs retired: their budget counts as done, not as trained
+            info += f" · {p.trained:,} trained"
         if p.n_batches > 1:
             info += f" · batch {p.batch + 1}/{p.n_batches}"
         left_text = f"about {_duration(left)} left" if np.isfinite(left) else ""
@@ -215,7 +217,13 @@ def _summary(out: Path, result, n_done_before: int) -> str:
     lines.append("phases: " + ", ".join(f"{p} {c}" for p, c in zip(phases, counts)))
     if len(result.index):
         lines.append(f"compile {result.compile_s:.1f} s, train {result.train_s:.1f} s "
-                     f"({len(result.index) * result.sweep.static.train.steps / max(result.train_s, 1e-9):,.0f} model-steps/s)")
+                     f"({result.trained_steps / max(result.train_s, 1e-9):,.0f} model-steps/s)")
+    if (window := result.sweep.static.train.stop_after_grokking) and len(result.index):
+        fixed = len(result.index) * result.sweep.static.train.steps
+        retired = int(np.isfinite(result.stopped_at).sum())
+        lines.append(f"retired {retired} of {len(result.index)} runs {window} steps after they grokked: trained "
+                     f"{result.trained_steps:,} model-steps, where a fixed budget costs {fixed:,} "
+                     f"({fixed / max(result.trained_steps, 1):.1f}× fewer)")
     lines.append(f"wrote {out / 'runs.parquet'} and {out / 'curves.parquet'}")
     return "\n".join(lines)
 
@@ -251,7 +259,26 @@ def _dry_run(sweep, out: Path) -> int:
           f"time: compile {d['compile_s']:.1f} s; one evaluation interval ({sweep.static.train.eval_every} steps) "
           f"of a batch took {d['interval_s'] * 1e3:,.1f} ms → about {_duration(d['train_s'])} of training\n"
           f"would write {out}/ (nothing was written)")
+    if window := sweep.static.train.stop_after_grokking:
+        print(_retiring_estimate(sweep, out, window, d["model_steps"]))
     return 0
+
+
+def _retiring_estimate(sweep, out: Path, window: int, fixed: int) -> str:
+    """One line: what retiring runs `window` steps after they grok would train, estimated from the
+    grokking times already in DIR/runs.parquet (another budget or version of the sweep will do)."""
+    from jaxgrok.analysis.cells import load_runs
+
+    steps = sweep.static.train.steps
+    head = f"retiring: at most {fixed:,} model-steps (a fixed budget)"
+    try:
+        cols, _ = load_runs(out)
+    except Exception:  # noqa: BLE001 - nothing readable there: no estimate
+        return f"{head}; how many fewer depends on when runs grok (no runs.parquet in {out} to estimate from)"
+    t_val = np.where(cols["censored"], np.inf, np.asarray(cols["t_val"], float))
+    per_run = np.minimum(t_val + window, steps).mean()
+    return (f"{head}; about {sweep.n_runs * per_run:,.0f} ({steps / per_run:.1f}× fewer) if runs grok as the "
+            f"{len(t_val)} in {out / 'runs.parquet'} did")
 
 
 def _duration(seconds: float) -> str:

@@ -29,6 +29,9 @@ RUNS_SCHEMA = pa.schema([
     *((a.name, pa.int64() if a.seed else pa.float64()) for a in AXIS_COLUMNS),  # one per axis (sweep/axes.py)
     ("n_train", pa.int32()),
     ("steps", pa.int64()),
+    # Where a retired run's curves end ([train] stop_after_grokking: it stayed grokked long enough,
+    # or diverged); null: it trained its whole budget.
+    ("stopped_at", pa.int64()),
     ("precision", pa.string()),  # [train] precision: float32, tf32 or bfloat16
     ("t_train", pa.int64()),  # null: never memorised
     ("t_val", pa.int64()),  # null: censored
@@ -47,7 +50,7 @@ RUNS_SCHEMA = pa.schema([
     ("init_key_share", pa.float32()),
     ("init_key_share_random", pa.float32()),
 ])
-LATER_RUNS_COLUMNS = ("init_key_share", "init_key_share_random")  # null in tables written before them
+LATER_RUNS_COLUMNS = ("init_key_share", "init_key_share_random", "stopped_at")  # null in tables written before them
 
 # One row per run and evaluation; the columns after the step are declared in jaxgrok/measures (the
 # progress measures null where off, not applicable, or not evaluated then).
@@ -126,17 +129,20 @@ def outcome_columns(outcomes: dict[str, np.ndarray]) -> dict[str, pa.Array]:
     }
 
 
-def runs_table(sweep, index, outcomes, finals, key_freqs=None, ticket=None) -> pa.Table:
+def runs_table(sweep, index, outcomes, finals, key_freqs=None, ticket=None, stopped_at=None) -> pa.Table:
     """One row per run. `index`: the runs' positions in the sweep; `outcomes`: grokking.analyse();
     `finals`: the last evaluation's metrics, name -> [runs]; `key_freqs`: a list per run, or None;
-    `ticket`: (init_key_share, its random expectation) per run, or None."""
+    `ticket`: (init_key_share, its random expectation) per run, or None; `stopped_at`: the step a
+    retired run's curves end at, NaN where it trained its whole budget (None: none retired)."""
     share, random_share = ticket if ticket is not None else (np.full(len(index), np.nan),) * 2
+    stopped_at = np.full(len(index), np.nan) if stopped_at is None else stopped_at
     cols = {
         "run_id": pa.array(index, pa.int32()),
         "run_hash": pa.array([sweep.run_hashes[i] for i in index], pa.string()),
         **{a: pa.array(sweep.runs[a][index], RUNS_SCHEMA.field(a).type) for a in AXES},
         "n_train": pa.array(sweep.n_train[index], pa.int32()),
         "steps": pa.array(np.full(len(index), sweep.static.train.steps), pa.int64()),
+        "stopped_at": _nullable(stopped_at, pa.int64()),
         "precision": pa.array([sweep.static.train.precision] * len(index), pa.string()),
         **outcome_columns(outcomes),
         **{f"final_{m}": pa.array(finals[m], pa.float32()) for m in
@@ -148,20 +154,24 @@ def runs_table(sweep, index, outcomes, finals, key_freqs=None, ticket=None) -> p
     return pa.Table.from_pydict(cols, schema=RUNS_SCHEMA.with_metadata(metadata("runs", sweep.resolved)))
 
 
-def curves_table(index, steps, curves: dict[str, np.ndarray], resolved, run_hashes=None) -> pa.Table:
-    """Long format: one row per (run, evaluated step). `curves`: metric -> [runs, evals].
-    With `run_hashes` (the part files of a resumable sweep) a run_hash column is added."""
+def curves_table(index, steps, curves: dict[str, np.ndarray], resolved, run_hashes=None, ends=None) -> pa.Table:
+    """Long format: one row per (run, evaluated step). `curves`: metric -> [runs, evals]; `ends`:
+    the evaluations each run has (a retired run's end early; None: all). With `run_hashes` (the
+    part files of a resumable sweep) a run_hash column is added."""
     n_runs, n_evals = len(index), len(steps)
+    ends = np.full(n_runs, n_evals) if ends is None else np.asarray(ends)
+    kept = (np.arange(n_evals) < ends[:, None]).reshape(-1)
+    flat = lambda a: np.asarray(a).reshape(-1)[kept]  # noqa: E731
     cols = {
-        "run_id": pa.array(np.repeat(np.asarray(index, np.int32), n_evals), pa.int32()),
-        "step": pa.array(np.tile(np.asarray(steps, np.int64), n_runs), pa.int64()),
-        **{m: pa.array(curves[m].reshape(-1), pa.float32()) for m in CURVES_SCHEMA.names[2:7]},
+        "run_id": pa.array(flat(np.repeat(np.asarray(index, np.int32), n_evals)), pa.int32()),
+        "step": pa.array(flat(np.tile(np.asarray(steps, np.int64), n_runs)), pa.int64()),
+        **{m: pa.array(flat(curves[m]), pa.float32()) for m in CURVES_SCHEMA.names[2:7]},
         # A measure that was not taken is NaN in the program and null here.
-        **{m: _nullable(curves[m].reshape(-1), CURVES_SCHEMA.field(m).type) for m in MEASURE_COLUMNS},
+        **{m: _nullable(flat(curves[m]), CURVES_SCHEMA.field(m).type) for m in MEASURE_COLUMNS},
     }
     schema = CURVES_SCHEMA
     if run_hashes is not None:
-        cols["run_hash"] = pa.array(np.repeat(np.asarray(run_hashes, object), n_evals), pa.string())
+        cols["run_hash"] = pa.array(flat(np.repeat(np.asarray(run_hashes, object), n_evals)), pa.string())
         schema = schema.append(pa.field("run_hash", pa.string()))
     return pa.Table.from_pydict(cols, schema=schema.with_metadata(metadata("curves", resolved)))
 
@@ -274,10 +284,20 @@ def read(path: str | Path, kind: str) -> pa.Table:
     return table
 
 
-def every_evaluation(curve_keys: list, run_keys: list, n_evals: int) -> bool:
-    """Whether a curves table's run keys (hashes or ids, one per row) hold exactly `n_evals` rows for
-    each run of `run_keys`, and nothing else."""
-    return Counter(curve_keys) == dict.fromkeys(run_keys, n_evals)
+def evaluations(stopped_at, steps: int, eval_every: int) -> np.ndarray:
+    """The evaluations each run has: to its stopped_at (an array or column, null or NaN where it
+    trained its whole budget), or all `steps // eval_every` of them."""
+    if not isinstance(stopped_at, np.ndarray):  # a pyarrow column
+        stopped_at = stopped_at.cast(pa.float64()).fill_null(np.nan).to_numpy()
+    stopped = np.asarray(stopped_at, np.float64)
+    return np.where(np.isfinite(stopped), np.nan_to_num(stopped) // eval_every, steps // eval_every).astype(np.int64)
+
+
+def every_evaluation(curve_keys: list, run_keys: list, n_evals) -> bool:
+    """Whether a curves table's run keys (hashes or ids, one per row) hold exactly `n_evals` rows (one
+    count, or one per run) for each run of `run_keys`, and nothing else."""
+    counts = np.broadcast_to(np.asarray(n_evals), (len(run_keys),))
+    return Counter(curve_keys) == {k: int(c) for k, c in zip(run_keys, counts, strict=True)}
 
 
 def check_pair(runs_path: str | Path, curves_path: str | Path) -> None:
@@ -291,3 +311,11 @@ def check_pair(runs_path: str | Path, curves_path: str | Path) -> None:
 def sweep_config(table: pa.Table) -> dict:
     """The resolved sweep a runs table was written under, from its metadata."""
     return json.loads(table.schema.metadata[b"jaxgrok.sweep"])
+
+
+def dense(values: np.ndarray, ends: np.ndarray, n_evals: int) -> np.ndarray:
+    """[runs, n_evals] from one curve's rows sorted by run and step, run i holding `ends[i]` of them
+    (NaN past a retired run's end)."""
+    out = np.full((len(ends), n_evals), np.nan)
+    out[np.arange(n_evals) < np.asarray(ends)[:, None]] = np.asarray(values, np.float64)
+    return out

@@ -51,6 +51,8 @@ class RunState(NamedTuple):
     key: jax.Array  # minibatch sampling
     diverged: jax.Array  # bool: loss or gradient went non-finite; the run is frozen since
     energies: jax.Array  # float32[K]: the embedding's Fourier spectrum at the latest evaluation (K = 0: one unused value)
+    streak: jax.Array  # int32: evaluations in a row with validation accuracy ≥ the threshold ([train] stop_after_grokking)
+    retired: jax.Array  # bool: that streak lasted stop_after_grokking steps; the run is frozen since
 
 
 class Program(NamedTuple):
@@ -63,6 +65,7 @@ class Program(NamedTuple):
     sharding: NamedSharding
     evals_per_chunk: int
     spectrum0: Callable | None = None  # params0 -> float32[runs, K]: the step-0 embedding's spectrum (None: K = 0)
+    refill: Callable | None = None  # (mask bool[runs], fresh, state) -> state: see refilled
 
 
 def hparams_for(sweep: Sweep, index: np.ndarray) -> Hparams:
@@ -110,6 +113,12 @@ def first_evals(n_runs: int, first: int = 0) -> np.ndarray:
     return np.full(n_runs, first, np.int32)
 
 
+def abstract_first_evals(program: Program, n_runs: int) -> jax.ShapeDtypeStruct:
+    """The shape and sharding of a batch's `first_eval`, to lower the chunk with (on many processes
+    too, where a host array cannot stand for a sharded one)."""
+    return jax.ShapeDtypeStruct((n_runs,), jnp.int32, sharding=program.sharding)
+
+
 def abstract_inputs(program: Program, n_runs: int) -> tuple[Hparams, RunState]:
     """The shapes, dtypes and shardings of a batch's Hparams (those of `hparams_for`) and RunState:
     enough to lower and compile both programs ahead, with nothing allocated."""
@@ -146,7 +155,20 @@ def make_program(static: Static, devices=None, vectorize: bool | None = None, ev
     init = jax.jit(jax.vmap(partial(init_run, s)), in_shardings=runs, out_shardings=runs)
     sharded = _over_devices(partial(chunk_run, s, n_evals), mesh, vectorize, measures.cadences(static), n_evals)
     chunk = jax.jit(sharded, in_shardings=(runs, runs, runs), out_shardings=(runs, runs), donate_argnums=0)
-    return Program(init, chunk, s.model, s.table, runs, n_evals, _spectrum0(s, mesh, vectorize))
+    refill = jax.jit(refilled, in_shardings=(runs, runs, runs), out_shardings=runs, donate_argnums=2)
+    return Program(init, chunk, s.model, s.table, runs, n_evals, _spectrum0(s, mesh, vectorize), refill)
+
+
+def refilled(mask, fresh: RunState, state: RunState) -> RunState:
+    """A batch's `state` with the runs where `mask` is set taken from `fresh` (initial states): the
+    slots that retired runs left, given to pending runs. A selection only, so a run's first state is
+    bit for bit the one a fresh batch gives it."""
+    def pick(new, old):
+        if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(pick(jax.random.key_data(new), jax.random.key_data(old)),
+                                            impl=jax.random.key_impl(new))
+        return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+    return jax.tree.map(pick, fresh, state)
 
 
 def _spectrum0(s: Setup, mesh: Mesh, vectorize: bool) -> Callable | None:
@@ -257,7 +279,8 @@ def init_run(s: Setup, hp: Hparams) -> RunState:
         order = jax.random.permutation(jax.random.key(hp.data_seed), n_pairs).astype(jnp.int32)
         is_train = jnp.zeros(n_pairs, bool).at[order].set(jnp.arange(n_pairs) < hp.n_train)
         return RunState(params, params, _optimizer(s, hp).init(params), order, is_train, k_batch, jnp.array(False),
-                        jnp.zeros(max(s.n_freqs, 1), jnp.float32))  # orbax saves no zero-size arrays
+                        jnp.zeros(max(s.n_freqs, 1), jnp.float32),  # orbax saves no zero-size arrays
+                        jnp.array(0, jnp.int32), jnp.array(False))
 
 
 def full_batch_loss(s: Setup, params, order, n_train):
@@ -294,9 +317,11 @@ def train_step(s: Setup, state: RunState, hp: Hparams) -> RunState:
         loss, grads = jax.value_and_grad(partial(full_batch_loss, s))(state.params, state.order, hp.n_train)
     updates, opt_state = _optimizer(s, hp).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # A run whose loss or gradient is non-finite keeps its last finite weights from then on.
+    # A run whose loss or gradient is non-finite keeps its last finite weights from then on; so does
+    # a retired run.
     diverged = state.diverged | ~(jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)))
-    keep = lambda new, old: jnp.where(diverged, old, new)  # noqa: E731
+    frozen = diverged | state.retired if cfg.stop_after_grokking else diverged
+    keep = lambda new, old: jnp.where(frozen, old, new)  # noqa: E731
     params = jax.tree.map(keep, params, state.params)
     opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     return state._replace(params=params, opt_state=opt_state, key=key, diverged=diverged)
@@ -342,7 +367,17 @@ def evaluate(s: Setup, state: RunState, hp: Hparams, eval_index, gates=None) -> 
                                                  train_loss, batch_loss, key, eval_index, state.opt_state, loss_on,
                                                  features, gates))
     m = jnp.concatenate([m.astype(jnp.float32), values])  # curves are float32 whatever the precision
-    return jnp.where(state.diverged, jnp.nan, m), energies  # a diverged run's curve stops here
+    ended = state.diverged | state.retired if s.static.train.stop_after_grokking else state.diverged
+    return jnp.where(ended, jnp.nan, m), energies  # a diverged (or retired) run's curve stops here
+
+
+def _count_streak(s: Setup, state: RunState, metrics) -> RunState:
+    """After an evaluation: the run's streak at or above the threshold, and whether it has lasted
+    stop_after_grokking steps (grokking.retire is the same rule, read from the curves on the host)."""
+    ok = metrics[METRICS.index("val_acc")] >= s.static.grokking.threshold  # NaN: not ok
+    streak = jnp.where(ok, state.streak + 1, 0).astype(jnp.int32)
+    need = -(-s.static.train.stop_after_grokking // s.static.train.eval_every)  # evaluations after t_val
+    return state._replace(streak=streak, retired=state.retired | (streak > need))
 
 
 def chunk_run(s: Setup, n_evals: int, state: RunState, hp: Hparams, first_eval, gates=None):
@@ -356,7 +391,8 @@ def chunk_run(s: Setup, n_evals: int, state: RunState, hp: Hparams, first_eval, 
         eval_index, gate = xs
         state = jax.lax.fori_loop(0, cfg.eval_every, lambda _, st: train_step(s, st, hp), state)
         metrics, energies = evaluate(s, state, hp, eval_index, gate)
-        return (state._replace(energies=energies) if s.n_freqs else state), metrics
+        state = state._replace(energies=energies) if s.n_freqs else state
+        return (_count_streak(s, state, metrics) if cfg.stop_after_grokking else state), metrics
 
     with matmul_precision(cfg.precision):
         return jax.lax.scan(block, state, (first_eval + jnp.arange(n_evals, dtype=jnp.int32), gates))

@@ -13,7 +13,6 @@ import os
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq

@@ -107,7 +107,7 @@ def test_killed_between_committing_a_batch_and_clearing_its_checkpoint(tmp_path,
                         sweep={"seed": {"count": 4}, "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.5}))
     pipeline.run(sweep, out=tmp_path / "ref", quiet=True, analyze=False)
 
-    def commit_then_die(self, runs_table, curves_table):
+    def commit_then_die(self, runs_table, curves_table, clear=True):
         from jaxgrok.store import parts
         parts.write_pair(self.parts, self.tag, runs_table, curves_table)
         raise Killed

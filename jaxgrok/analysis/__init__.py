@@ -55,10 +55,12 @@ def _read_curves(results_dir: Path, cols: dict, resolved: dict) -> pa.Table | No
         return None
     results.check_pair(results_dir / "runs.parquet", curves_path)
     curves = results.read(curves_path, "curves")
-    n_evals = resolved["train"]["steps"] // resolved["train"]["eval_every"]
-    if not results.every_evaluation(curves.column("run_id").to_pylist(), cols["run_id"].tolist(), n_evals):
+    cfg = resolved["train"]
+    counts = results.evaluations(cols["stopped_at"], cfg["steps"], cfg["eval_every"])
+    if not results.every_evaluation(curves.column("run_id").to_pylist(), cols["run_id"].tolist(), counts):
         raise AnalysisError(f"{results_dir / 'runs.parquet'} and {curves_path} disagree: the curves hold "
-                            f"{curves.num_rows} rows, not the {n_evals} evaluations of each of {len(cols['run_id'])} runs")
+                            f"{curves.num_rows} rows, not the {cfg['steps'] // cfg['eval_every']} evaluations of each "
+                            f"of {len(cols['run_id'])} runs (or to its stopped_at)")
     return curves
 
 

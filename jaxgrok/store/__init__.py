@@ -116,11 +116,13 @@ class Store:
         done = self.done_hashes()
         return np.array([i for i in index if self.hashes[i] not in done], dtype=np.int64)
 
-    def write_batch(self, runs_table: pa.Table, curves_table: pa.Table) -> None:
-        """Commit a finished batch: its parts appear whole, then its checkpoints go."""
+    def write_batch(self, runs_table: pa.Table, curves_table: pa.Table, clear: bool = True) -> None:
+        """Commit finished runs: their parts appear whole, then (`clear`: the batch is done) its
+        checkpoints go."""
         runs_path = _parts.write_pair(self.parts, self.tag, runs_table, curves_table)
         self._verified[runs_path] = runs_table.column("run_hash").to_pylist()
-        self.clear_checkpoints()
+        if clear:
+            self.clear_checkpoints()
 
     # -- the batch in progress ----------------------------------------------------------------
 
@@ -129,16 +131,18 @@ class Store:
         """The orbax CheckpointManager of this sweep's (or shard's) checkpoints."""
         return self.checkpoints.manager
 
-    def save(self, state, curves, run_hashes: list[str], steps_done: int) -> None:
+    def save(self, state, curves, slots: list[tuple[str | None, int]]) -> None:
         """Checkpoint the batch in progress: its train state and curves so far (run-sharded global
-        arrays: with several processes each writes its own shards) and the cursor: its runs, the
-        steps they have done (not chunks: chunking may change before the resume), the batch size
-        and the sweep as it was (to say what changed if it no longer matches)."""
-        self.checkpoints.save(state, curves, {"run_hashes": run_hashes, "steps_done": steps_done,
+        arrays: with several processes each writes its own shards) and the cursor: each slot's run
+        (None: idle) and the steps it has done (not chunks: chunking may change before the resume),
+        the batch size and the sweep as it was (to say what changed if it no longer matches)."""
+        live = [(h, n) for h, n in slots if h is not None]
+        self.checkpoints.save(state, curves, {"slots": [list(s) for s in slots], "run_hashes": [h for h, _ in live],
+                                              "steps_done": live[0][1] if live else 0,
                                               "runs_per_batch": int(curves.shape[0]), "sweep": self.sweep.resolved})
 
     def restore(self, abstract):
-        """The newest readable checkpoint as (state, curves, steps_done), or None. `abstract` gives
+        """The newest readable checkpoint as (state, curves, cursor), or None. `abstract` gives
         shapes and shardings."""
         return self.checkpoints.restore(abstract)
 

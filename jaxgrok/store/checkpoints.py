@@ -120,7 +120,7 @@ class Checkpoints:
         return None
 
     def restore(self, abstract):
-        """The newest readable checkpoint as (state, curves, steps_done), or None. `abstract` gives
+        """The newest readable checkpoint as (state, curves, cursor), or None. `abstract` gives
         shapes and shardings."""
         import orbax.checkpoint as ocp
 
@@ -129,7 +129,7 @@ class Checkpoints:
         if got is None:
             return None
         state = got.state["state"]
-        return state._replace(key=jax.random.wrap_key_data(state.key)), got.state["curves"], got.cursor["steps_done"]
+        return state._replace(key=jax.random.wrap_key_data(state.key)), got.state["curves"], dict(got.cursor)
 
     def cursor(self) -> dict | None:
         """The newest checkpoint's cursor, or None if there is none that reads."""

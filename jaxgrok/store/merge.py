@@ -42,12 +42,14 @@ def _with_outcomes(runs: pa.Table, curves: pa.Table, sweep, where: Path) -> pa.T
     """`runs` with t_train, t_val, delay, censored, phase and diverged computed from `curves`."""
     cfg = sweep.static.train
     steps = np.arange(1, cfg.steps // cfg.eval_every + 1, dtype=np.int64) * cfg.eval_every
-    if curves.num_rows != runs.num_rows * len(steps):  # the parts were verified: cannot happen
+    ends = results.evaluations(runs.column("stopped_at"), cfg.steps, cfg.eval_every)
+    if curves.num_rows != ends.sum():  # the parts were verified: cannot happen
         raise results.ResultsError(f"{where}: {curves.num_rows} curve rows for {runs.num_rows} runs "
-                                   f"of {len(steps)} evaluations")
-    named = {m: curves.column(m).to_numpy().reshape(runs.num_rows, len(steps))
+                                   f"of {len(steps)} evaluations (or to their stopped_at)")
+    named = {m: results.dense(curves.column(m).to_numpy(zero_copy_only=False), ends, len(steps))
              for m in ("train_acc", "val_acc", "train_loss", "val_loss")}
-    for name, column in results.outcome_columns(grokking.analyse(named, steps, sweep.static.grokking)).items():
+    outcomes = grokking.analyse(named, steps, sweep.static.grokking, ends)
+    for name, column in results.outcome_columns(outcomes).items():
         runs = runs.set_column(runs.schema.get_field_index(name), name, column)
     return runs
 

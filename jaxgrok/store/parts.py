@@ -70,7 +70,8 @@ def _read_part(path: Path, kind: str) -> pa.Table:
 
 def verify_part(runs_path: Path, curves_path: Path) -> list[str]:
     """The run hashes of a finished batch's pair of parts, once both are read in full and agree: the
-    curves part holds every evaluation of every run of the runs part, and nothing else."""
+    curves part holds every evaluation of every run of the runs part (to its stopped_at where it
+    retired), and nothing else."""
     runs = _read_part(runs_path, "runs")
     try:
         runs = results.upgrade_runs(runs)
@@ -86,9 +87,10 @@ def verify_part(runs_path: Path, curves_path: Path) -> list[str]:
                and c not in measures.LATER_COLUMNS]  # a part written before a later measure lacks its columns
     if missing:
         raise DamagedPart(f"{curves_path.name} lacks the columns {', '.join(missing)}")
-    if not results.every_evaluation(curves.column("run_hash").to_pylist(), hashes, n_evals):
-        raise DamagedPart(f"{curves_path.name} holds {curves.num_rows} rows, not the {n_evals} evaluations "
-                          f"of each of the {len(hashes)} runs of {runs_path.name}")
+    counts = results.evaluations(runs.column("stopped_at"), int(train["steps"]), int(train["eval_every"]))
+    if not results.every_evaluation(curves.column("run_hash").to_pylist(), hashes, counts):
+        raise DamagedPart(f"{curves_path.name} holds {curves.num_rows} rows, not the {counts.sum()} evaluations "
+                          f"of the {len(hashes)} runs of {runs_path.name} (each its budget's {n_evals} or to its stopped_at)")
     return hashes
 
 

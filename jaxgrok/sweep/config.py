@@ -54,6 +54,10 @@ class TrainConfig:
     # and GPU, not TPU): the arm of Prieto et al. 2025 that softmax collapse does not reach. Part of
     # the run hash: a mixed-precision run is never mistaken for a float32 one.
     precision: str = field(default="float32", metadata=checked(lambda v: v in PRECISIONS, "must be float32, tf32, bfloat16 or float64"))
+    # Retire a run once its validation accuracy has stayed at or above [grokking] threshold for this
+    # many steps after its t_val (or at once when it diverges), and give its slot to a pending run;
+    # 0: every run trains its whole budget. A run that has not grokked is never retired.
+    stop_after_grokking: int = field(default=0, metadata=checked(lambda v: v >= 0, "must be ≥ 0 (steps; 0 = off)"))
 
 
 @dataclass(frozen=True)

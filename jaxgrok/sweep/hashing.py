@@ -5,6 +5,7 @@ nothing else. A changed hash silently retrains (or orphans) every stored run (te
 them), so the rules that keep an older run's hash as the package grew are all here, one sentence each:
 
 - How the steps are cut into chunks and the runs into batches is left out: it changes no result.
+- [grokking] is left out (it only reads the curves), except its threshold where runs retire on it.
 - A [train] key added later (LATER_TRAIN) is left out at its default; so is a [measures] key of a measure
   added later (`later` in jaxgrok/measures).
 - An axis added later (`later` in axes.py) is left out at its default.
@@ -25,7 +26,7 @@ from jaxgrok.sweep.axes import AXES, TABLE
 # [train] keys that decide how the work is cut, not what is computed.
 NOT_HASHED_TRAIN = ("chunk_steps", "max_runs_per_batch")
 # [train] keys added after the first results were written: left out of the hash at their default.
-LATER_TRAIN = {"precision": "float32"}
+LATER_TRAIN = {"precision": "float32", "stop_after_grokking": 0}
 
 
 def static_part(resolved: dict, task, model) -> str:
@@ -35,6 +36,10 @@ def static_part(resolved: dict, task, model) -> str:
     # The measures are in: a run's recorded columns depend on them (its training does not).
     measured = {k: v for k, v in resolved["measures"].items() if measures.LATER_KEYS.get(k, object()) != v}
     static = {"task": resolved["task"], "model": resolved["model"], "train": train, "measures": measured}
+    # A retired run's curves end where its accuracy stayed at the threshold long enough: the threshold
+    # decides what is recorded (otherwise [grokking] only reads the curves).
+    if train.get("stop_after_grokking"):
+        static["retire_threshold"] = resolved["grokking"]["threshold"]
     # A registered class's module and name are in: two classes under one name never share results.
     if code := registry.origins(task, model):
         static["code"] = code
