@@ -266,7 +266,7 @@ class _Tally:
 
     start: float  # when training began (after compiling)
     total: int  # model-steps a fixed budget costs, all processes
-    trained_here: int = 0  # model-steps trained, scaled to all processes
+    trained: int = 0  # model-steps the finished runs trained (to their end), all processes
     finished: int = 0  # runs finished, all processes
     memorised: int = 0  # of this process's finished runs
     grokked: int = 0
@@ -293,6 +293,7 @@ class _Batch:
     slots: np.ndarray  # int64[per_batch]: each slot's run (a position in sweep.runs); -1: idle
     hp_rows: np.ndarray  # int64[per_batch]: the run whose Hparams each slot holds (an idle slot keeps its last)
     evals: np.ndarray  # int64[per_batch]: the evaluations each slot's run has done
+    start: np.ndarray  # int64[per_batch]: ...of which before it entered the slot (a resume's checkpoint)
     hp: train.Hparams
     local: np.ndarray  # the slots that this process holds
     curves: np.ndarray  # float32[per_batch, evals, len(METRICS)]: each slot's run's so far, NaN where not yet trained
@@ -403,7 +404,7 @@ def _begin_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, b: int) -> tup
     if got is None:
         state = compiled.init(hp)
     local, _ = _local(hp.seed)
-    batch = _Batch(b, slots, hp_rows, evals, hp, local, curves)
+    batch = _Batch(b, slots, hp_rows, evals, evals.copy(), hp, local, curves)
     if got is not None:
         curves[local] = _local(saved_curves)[1]
         curves[slots < 0] = np.nan
@@ -420,16 +421,21 @@ def _collect(ctx: _Context, tally: _Tally, batch: _Batch, n_batches: int, slots,
         at = (slots[pos] >= 0) & (evals[pos] == e0)
         m = min(n, ctx.n_evals - int(e0))  # a run that ends inside the chunk keeps its own evaluations
         batch.curves[pos[at], e0:e0 + m] = data[at, :m]
-    # Processes move in step, so this process's share scales to the whole.
-    tally.trained_here += int((slots >= 0).sum()) * n * cfg.eval_every
     if ctx.on_chunk:
         live = batch.local[batch.slots[batch.local] >= 0]
         memorised, grokked = _counts(ctx, batch.curves[live], np.minimum(batch.evals[live], ctx.n_evals))
         steps_done = (tally.finished * cfg.steps
                       + int(np.minimum(batch.evals[batch.slots >= 0], ctx.n_evals).sum()) * cfg.eval_every)
+        trained = tally.trained + _trained(batch, batch.slots >= 0, np.minimum(batch.evals, ctx.n_evals), cfg.eval_every)
         ctx.on_chunk(Progress(steps_done, tally.total, tally.memorised + memorised, tally.grokked + grokked,
-                              tally.trained_here / max(time.perf_counter() - tally.start, 1e-9), batch.b, n_batches,
-                              trained=tally.trained_here))
+                              trained / max(time.perf_counter() - tally.start, 1e-9), batch.b, n_batches,
+                              trained=trained))
+
+
+def _trained(batch: _Batch, slots: np.ndarray, to: np.ndarray, eval_every: int) -> int:
+    """The model-steps the runs in `slots` (a mask) have trained in this call, to evaluation `to`
+    (an array over slots): a retired run counts to where it retired, not to its chunk's end."""
+    return int(((to - batch.start) * slots).sum()) * eval_every
 
 
 def _counts(ctx: _Context, curves: np.ndarray, done: np.ndarray) -> tuple[int, int]:
@@ -475,6 +481,7 @@ def _settle(ctx: _Context, tally: _Tally, batch: _Batch, state, retiring: bool) 
             memorised, grokked = _counts(ctx, curves[None], np.array([done.end]))
             tally.memorised, tally.grokked = tally.memorised + memorised, tally.grokked + grokked
     tally.finished += int(ended.sum())
+    tally.trained += _trained(batch, ended, keep, cfg.eval_every)
     batch.slots = np.where(ended, -1, batch.slots)
     batch.curves[ended] = np.nan
 
@@ -496,7 +503,7 @@ def _refill(ctx: _Context, compiled: _Compiled, plan: _Plan, batch: _Batch, stat
     if not len(new):
         return state
     slots = idle[:len(new)]
-    batch.slots[slots], batch.hp_rows[slots], batch.evals[slots] = new, new, 0
+    batch.slots[slots], batch.hp_rows[slots], batch.evals[slots], batch.start[slots] = new, new, 0, 0
     batch.hp = _global(train.hparams_for(ctx.sweep, batch.hp_rows), ctx.program.sharding)
     mask = np.zeros(len(batch.slots), bool)
     mask[slots] = True
@@ -566,7 +573,7 @@ def _result(ctx: _Context, tally: _Tally, compile_s: float, compiled: _Compiled)
     return SweepResult(ctx.sweep, trained, ctx.steps, named, outcomes, energies, compile_s,
                        time.perf_counter() - tally.start, compiled.per_batch, compiled.need,
                        stopped_at=np.where(ends < ctx.n_evals, ctx.steps[np.maximum(ends, 1) - 1], np.nan),
-                       trained_steps=tally.trained_here)
+                       trained_steps=tally.trained)
 
 
 @_in_precision

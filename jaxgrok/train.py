@@ -199,6 +199,7 @@ class Setup(NamedTuple):
     n_freqs: int  # K, the length of a run's Fourier spectrum (0: none)
     measure: Callable  # measures.build's measure(inputs) -> (values, energies)
     llc_batch: int  # the LLC's minibatch size; 0: the run's whole training set
+    vectorize: bool = False  # runs vmapped (accelerators) rather than mapped one at a time (CPU)
 
 
 def _setup(static: Static, vectorize: bool) -> Setup:
@@ -211,7 +212,7 @@ def _setup(static: Static, vectorize: bool) -> Setup:
     # larger (decided per run, not by the sweep's smallest training set).
     llc_batch = static.measures.llc_batch_size if static.measures.llc_batch_size < static.n_train_max else 0
     return Setup(static, model, table, jnp.asarray(table.inputs), jnp.asarray(table.targets),
-                 measures.n_frequencies(static, table.n_symbols), measure, llc_batch)
+                 measures.n_frequencies(static, table.n_symbols), measure, llc_batch, vectorize)
 
 
 def _over_devices(chunk_run_: Callable, mesh: Mesh, vectorize: bool, cadences: tuple[int, ...],
@@ -393,6 +394,17 @@ def chunk_run(s: Setup, n_evals: int, state: RunState, hp: Hparams, first_eval, 
         metrics, energies = evaluate(s, state, hp, eval_index, gate)
         state = state._replace(energies=energies) if s.n_freqs else state
         return (_count_streak(s, state, metrics) if cfg.stop_after_grokking else state), metrics
+
+    if cfg.stop_after_grokking and not s.vectorize:
+        # One run at a time (CPU): a retired run skips its steps and evaluations, a real branch, so
+        # that retiring saves time even where no pending run takes its slot. (Vmapped, a per-run
+        # branch would compute both sides: there the saving is the refilled slot.)
+        trained = block
+
+        def block(state, xs):
+            # NaN that varies over runs, as inside shard_map the other branch's metrics do
+            nan = jnp.where(state.retired, jnp.full(len(METRICS), jnp.nan, jnp.float32), jnp.nan)
+            return jax.lax.cond(state.retired, lambda st: (st, nan), lambda st: trained(st, xs), state)
 
     with matmul_precision(cfg.precision):
         return jax.lax.scan(block, state, (first_eval + jnp.arange(n_evals, dtype=jnp.int32), gates))

@@ -83,9 +83,16 @@ def _embedding_snapshots(resolved: dict, cols: dict) -> warning.Snapshots | None
     return warning.snapshots(run_id, {s: np.asarray(model.embedding(p)) for s, p in params.items()}, labels)
 
 
-def _notes(cols: dict, rows: list[dict]) -> list[str]:
+def _notes(cols: dict, rows: list[dict], resolved: dict) -> list[str]:
     """What the report says about the runs before anything is estimated."""
     notes = []
+    if window := resolved["train"].get("stop_after_grokking"):
+        retired = int(np.isfinite(np.asarray(cols["stopped_at"], float)).sum())
+        notes.append(f"{retired} of {len(cols['run_id'])} runs retired {window:,} steps after they grokked "
+                     f"(stop_after_grokking): their curves end at stopped_at, and t_val is the first step from which "
+                     f"validation accuracy stays ≥ {resolved['grokking']['threshold']:g} through that window, not to "
+                     f"the budget. A run that would have fallen back later keeps it; runs that did not grok trained "
+                     f"their whole budget.")
     if len(cols["run_id"]) < 2:
         notes.append("A single run: no distribution to estimate.")
     if all(r["n_runs"] < 2 for r in rows):
@@ -113,7 +120,7 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
         if axis is not None and axis not in swept:
             raise AnalysisError(f"{results_dir}: {flag} {axis}: not a swept axis (swept: {', '.join(swept) or 'none'})")
     rows = cells.cell_stats(cols, keys)
-    notes = _notes(cols, rows)
+    notes = _notes(cols, rows, resolved)
     tables = {"stats": cells.stats_table(rows, keys, resolved)}
     sens_rows = []
     if any(a in SEED_AXES for a in swept):
