@@ -144,7 +144,10 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
     the pending runs. A checkpoint that a changed sweep file no longer covers stops the sweep with
     one line; one that cannot be taken back as it is (another batch size, an older format) is said
     and dropped: its runs train from step 0, as in a fresh run."""
+    continued = store.carry_over(index)[1] if store is not None else {}
     todo = index if store is None else store.pending(index)
+    if continued:  # runs continued from a smaller budget first, each batch of one budget: in step
+        todo = np.array(sorted(todo, key=lambda r: -continued.get(int(r), -1)), np.int64)
     batches, resume = [], False
     if store is not None and (cursor := store.checkpointed_batch()):
         done = store.done_hashes()
@@ -227,6 +230,7 @@ class _Context:
     on_chunk: Callable[[Progress], None] | None
     devices: object
     vectorize: bool | None
+    shorter: dict = field(default_factory=dict, compare=False)  # chunks of fewer evaluations, by length
 
     @property
     def n_evals(self) -> int:
@@ -239,9 +243,12 @@ class _Context:
         return np.arange(1, self.n_evals + 1, dtype=np.int64) * self.sweep.static.train.eval_every
 
     def catch_up(self, n: int):
-        """A chunk of `n` evaluations: a checkpoint saved between two chunks of another chunk_steps
-        is brought to a chunk boundary by one shorter chunk (compiled once, on such a resume only)."""
-        return train.make_program(self.sweep.static, self.devices, self.vectorize, evals=n).chunk
+        """A chunk of `n` evaluations, to bring a run to its next chunk boundary: after a resume from a
+        checkpoint saved between two chunks of another chunk_steps, or a run continued from a smaller
+        budget (compiled once per length, and only then)."""
+        if n not in self.shorter:
+            self.shorter[n] = train.make_program(self.sweep.static, self.devices, self.vectorize, evals=n).chunk
+        return self.shorter[n]
 
 
 @dataclass
@@ -282,6 +289,7 @@ class _Finished:
     end: int  # the evaluations it has
     energies: np.ndarray  # float32[K]: its final spectrum
     energies0: np.ndarray  # float32[K]: its step-0 spectrum
+    state: dict | None = None  # its final train state's leaves, where it trained its whole budget (and is stored)
 
 
 @dataclass
@@ -325,8 +333,10 @@ def _train_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, tally: _Tally,
     store, epc, k, pending = ctx.store, ctx.program.evals_per_chunk, 0, None
     retiring = ctx.sweep.static.train.stop_after_grokking > 0
     while (live := batch.live()).any():
-        e_ref = int(batch.evals[live][0])  # slots that moved in step share a chunk boundary
-        n = epc - e_ref % epc  # a resume from a checkpoint between two chunks of another size: one shorter
+        # To the nearest chunk boundary of any run: every run ends its budget exactly at the end of a
+        # chunk (slots that moved in step share their boundaries; others take shorter chunks).
+        n = int((epc - batch.evals[live] % epc).min())
+        e_ref = int(batch.evals[live][0])
         run_chunk = compiled.chunk if n == epc else ctx.catch_up(n)
         # An idle slot counts with a live one: no measure's branch is taken for it alone.
         first = np.where(batch.slots >= 0, batch.evals, e_ref).astype(np.int32)
@@ -401,14 +411,37 @@ def _begin_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, b: int) -> tup
     fill = slots[slots >= 0][0] if (slots >= 0).any() else max(hp_rows.max(), 0)
     hp_rows = np.where(hp_rows >= 0, hp_rows, fill)  # padding: copies of a run, so that nothing recompiles
     hp = _global(train.hparams_for(ctx.sweep, hp_rows), ctx.program.sharding)
-    if got is None:
-        state = compiled.init(hp)
     local, _ = _local(hp.seed)
     batch = _Batch(b, slots, hp_rows, evals, evals.copy(), hp, local, curves)
-    if got is not None:
-        curves[local] = _local(saved_curves)[1]
-        curves[slots < 0] = np.nan
+    if got is None:
+        return batch, _continued(ctx, batch, compiled.init(hp), np.flatnonzero(slots >= 0))
+    curves[local] = _local(saved_curves)[1]
+    curves[slots < 0] = np.nan
     return batch, state
+
+
+def _continued(ctx: _Context, batch: _Batch, state, slots: np.ndarray):
+    """`state` with the runs in `slots` that continue from a smaller budget (Store.carry_over) at
+    their stored final state, their curves so far and their evaluations done; the others as they are."""
+    if ctx.store is None or not len(slots):
+        return state
+    leaves = train.state_leaves(state)
+    got = ctx.store.continuation(batch.slots[slots], list(leaves), list(train.METRICS))
+    if not got:
+        return state
+    mask = np.zeros(len(batch.slots), bool)
+    host = {name: np.zeros(leaf.shape, leaf.dtype) for name, leaf in leaves.items()}
+    for slot in slots:
+        if (row := int(batch.slots[slot])) in got:
+            values, curves, evals = got[row]
+            for name, value in values.items():
+                host[name][slot] = value
+            batch.curves[slot, :evals] = curves
+            batch.evals[slot] = batch.start[slot] = evals
+            mask[slot] = True
+    sharding = ctx.program.sharding
+    loaded = train.from_leaves(state, {name: _global(v, sharding) for name, v in host.items()})
+    return ctx.program.refill(_global(mask, sharding), loaded, state)
 
 
 def _collect(ctx: _Context, tally: _Tally, batch: _Batch, n_batches: int, slots, evals, n: int, metrics) -> None:
@@ -472,11 +505,16 @@ def _settle(ctx: _Context, tally: _Tally, batch: _Batch, state, retiring: bool) 
     energies = energies[:, :measures.n_frequencies(ctx.sweep.static, ctx.program.table.n_symbols)]  # not the placeholder
     spectrum0 = ctx.program.spectrum0
     energies0 = _local(spectrum0(state.params0))[1] if spectrum0 else np.zeros_like(energies)  # step 0's, of the same runs
+    # The final states of runs that trained their whole budget, for a larger one (store/extend.py)
+    final = {}
+    if ctx.store is not None and (ended & (keep == n_evals)).any():
+        final = {name: _local(leaf)[1] for name, leaf in train.state_leaves(state).items()}
     for i, slot in enumerate(pos):
         if ended[slot]:
             curves = batch.curves[slot].copy()
             curves[keep[slot]:] = np.nan
-            done = _Finished(int(batch.slots[slot]), curves, int(keep[slot]), energies[i], energies0[i])
+            kept = {name: v[i] for name, v in final.items()} if final and keep[slot] == n_evals else None
+            done = _Finished(int(batch.slots[slot]), curves, int(keep[slot]), energies[i], energies0[i], kept)
             batch.unwritten.append(done)
             memorised, grokked = _counts(ctx, curves[None], np.array([done.end]))
             tally.memorised, tally.grokked = tally.memorised + memorised, tally.grokked + grokked
@@ -507,7 +545,8 @@ def _refill(ctx: _Context, compiled: _Compiled, plan: _Plan, batch: _Batch, stat
     batch.hp = _global(train.hparams_for(ctx.sweep, batch.hp_rows), ctx.program.sharding)
     mask = np.zeros(len(batch.slots), bool)
     mask[slots] = True
-    return ctx.program.refill(_global(mask, ctx.program.sharding), compiled.init(batch.hp), state)
+    state = ctx.program.refill(_global(mask, ctx.program.sharding), compiled.init(batch.hp), state)
+    return _continued(ctx, batch, state, slots)
 
 
 def _checkpoint(ctx: _Context, tally: _Tally, batch: _Batch, state) -> None:
@@ -553,9 +592,12 @@ def _commit(ctx: _Context, tally: _Tally, batch: _Batch, last: bool) -> None:
         named = {m: curves[..., i] for i, m in enumerate(train.METRICS)}
         outcomes = grokking.analyse(named, steps, sweep.static.grokking, ends)
         spectra = np.stack([f.energies for f in done]), np.stack([f.energies0 for f in done])
+        final = [f for f in done if f.state is not None]
+        state = ([sweep.run_hashes[f.row] for f in final], sweep.static.train.steps,
+                 {name: np.stack([f.state[name] for f in final]) for name in final[0].state}) if final else None
         ctx.store.write_batch(_runs_table(sweep, rows, named, outcomes, *spectra, ends),
                               results.curves_table(rows, steps, named, sweep.resolved,
-                                                   [sweep.run_hashes[i] for i in rows], ends), clear=last)
+                                                   [sweep.run_hashes[i] for i in rows], ends), clear=last, state=state)
     elif last:
         ctx.store.clear_checkpoints()
 

@@ -100,6 +100,7 @@ def _train(sweep, out: Path, quiet: bool, analyze: bool, restart: bool, checkpoi
     store = Store(out, sweep, restart=restart and me == 0, checkpoint_every=checkpoint_every, tag=tag, shard_tag=shard_tag)
     store.catch_signals()
     index = np.arange(sweep.n_runs)[i::n]  # round robin: every shard gets every cell
+    kept, continued = store.carry_over(index)  # a raised budget: what the directory holds at a smaller one
     n_done = len(index) - len(store.pending(index))
     quiet = quiet or me != 0  # one voice per sweep
     if not quiet and (others := store.done_hashes() - set(sweep.run_hashes)):
@@ -107,6 +108,9 @@ def _train(sweep, out: Path, quiet: bool, analyze: bool, restart: bool, checkpoi
     display = Display((len(index) - n_done) * sweep.static.train.steps, live=sys.stdout.isatty() and not quiet)
     if not quiet:
         _announce(sweep, out, index, n_done, shard, n_proc)
+        if kept or continued:
+            print(f"extending to {sweep.static.train.steps:,} steps: {kept} runs that retired within a smaller budget "
+                  f"are kept as they are, {len(continued)} continue from their final state there", flush=True)
     try:
         result = engine.train_sweep(sweep, index=index, on_chunk=None if quiet else display, store=store)
     except Interrupted as e:
@@ -222,8 +226,11 @@ def _summary(out: Path, result, n_done_before: int) -> str:
         fixed = len(result.index) * result.sweep.static.train.steps
         retired = int(np.isfinite(result.stopped_at).sum())
         lines.append(f"retired {retired} of {len(result.index)} runs {window} steps after they grokked: trained "
-                     f"{result.trained_steps:,} model-steps, where a fixed budget costs {fixed:,} "
-                     f"({fixed / max(result.trained_steps, 1):.1f}× fewer)")
+                     f"{result.trained_steps:,} model-steps, where training them from step 0 at a fixed budget costs "
+                     f"{fixed:,} ({fixed / max(result.trained_steps, 1):.1f}× fewer)")
+    elif len(result.index) and result.trained_steps < len(result.index) * result.sweep.static.train.steps:
+        lines.append(f"trained {result.trained_steps:,} model-steps: runs continued from a smaller budget "
+                     f"(from step 0: {len(result.index) * result.sweep.static.train.steps:,})")
     lines.append(f"wrote {out / 'runs.parquet'} and {out / 'curves.parquet'}")
     return "\n".join(lines)
 

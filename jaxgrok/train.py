@@ -108,6 +108,27 @@ def with_precision(model: models.Model, precision: str) -> models.Model:
     return model._replace(apply=apply, features=features if model.features is not None else None)
 
 
+def depends_on_budget(static: Static) -> bool:
+    """Whether a run's training depends on its step budget (a schedule that decays to the end would):
+    then a run cannot be extended to a larger budget from its final state. None does today: the
+    warm-up is a fixed number of steps and the rate is constant after it."""
+    return False
+
+
+def state_leaves(state: RunState) -> dict[str, jax.Array]:
+    """A run state's leaves by name (a typed key as its data): how a final state is stored."""
+    state = state._replace(key=jax.random.key_data(state.key))
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def from_leaves(like: RunState, leaves: dict[str, jax.Array]) -> RunState:
+    """The run state with these leaves (named as state_leaves names them), shaped like `like`."""
+    data = like._replace(key=jax.random.key_data(like.key))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(data)
+    state = jax.tree_util.tree_unflatten(treedef, [leaves[jax.tree_util.keystr(p)] for p, _ in paths])
+    return state._replace(key=jax.random.wrap_key_data(state.key, impl=jax.random.key_impl(like.key)))
+
+
 def first_evals(n_runs: int, first: int = 0) -> np.ndarray:
     """The chunk's `first_eval` for `n_runs` runs that have all done `first` evaluations."""
     return np.full(n_runs, first, np.int32)

@@ -2,6 +2,7 @@
 for the batch in progress, and the final runs.parquet / curves.parquet merged from the parts.
 
     DIR/parts/runs-<key>.parquet, curves-<key>.parquet   one pair per finished batch (parts.py)
+    DIR/parts/state-<key>.npz                            their final train states, for a larger budget (states.py, extend.py)
     DIR/checkpoints/<step>/                              orbax: train state, curves so far, cursor (checkpoints.py)
     DIR/runs.parquet, DIR/curves.parquet                 merged, one row per run of the current sweep (merge.py)
     DIR/.lock                                            one jaxgrok run at a time (lock.py)
@@ -20,8 +21,10 @@ import jax
 import numpy as np
 import pyarrow as pa
 
+from jaxgrok.store import extend as _extend
 from jaxgrok.store import merge as _merge
 from jaxgrok.store import parts as _parts
+from jaxgrok.store import states as _states
 from jaxgrok.store.checkpoints import Checkpoints, WriteError
 from jaxgrok.store.parts import DamagedPart, curves_part, rmdir_if_empty, verify_part
 
@@ -63,7 +66,7 @@ class Store:
         """--restart: delete what jaxgrok wrote here and nothing else: its part files, its orbax
         step directories (named by their step number), and runs/curves.parquet where they carry
         jaxgrok's metadata. Anything else in the directory stays."""
-        for pattern in ("runs-*.parquet", "curves-*.parquet", ".*.tmp"):
+        for pattern in ("runs-*.parquet", "curves-*.parquet", "state-*.npz", ".*.tmp"):
             for f in self.parts.glob(pattern):
                 f.unlink()
         checkpoints = self.out / "checkpoints"
@@ -116,13 +119,37 @@ class Store:
         done = self.done_hashes()
         return np.array([i for i in index if self.hashes[i] not in done], dtype=np.int64)
 
-    def write_batch(self, runs_table: pa.Table, curves_table: pa.Table, clear: bool = True) -> None:
+    def write_batch(self, runs_table: pa.Table, curves_table: pa.Table, clear: bool = True, state=None) -> None:
         """Commit finished runs: their parts appear whole, then (`clear`: the batch is done) its
-        checkpoints go."""
-        runs_path = _parts.write_pair(self.parts, self.tag, runs_table, curves_table)
+        checkpoints go. `state`: (run hashes, steps, leaves) of those that trained their whole budget."""
+        runs_path = _parts.write_pair(self.parts, self.tag, runs_table, curves_table, state)
         self._verified[runs_path] = runs_table.column("run_hash").to_pylist()
         if clear:
             self.clear_checkpoints()
+
+    # -- a raised budget (extend.py) --------------------------------------------------------------
+
+    def carry_over(self, index: np.ndarray) -> tuple[int, dict[int, int]]:
+        """Before planning: the runs of `index` that the directory holds at a smaller budget. Those
+        that retired there are written as this sweep's runs (done); returns how many, and {run:
+        evaluations done} of those that continue from their stored final state (see continuation)."""
+        pending = set(self.pending(index).tolist())
+        found = _extend.earlier(self.sweep, self.finished_parts(), pending)
+        kept = {r: e for r, e in found.items() if e.stopped}
+        if kept:
+            _extend.carry_over(self.sweep, kept, lambda runs, curves: self.write_batch(runs, curves, clear=False))
+        self._state_index = _states.index(self.parts) if found else {}
+        self._continued = {r: e for r, e in found.items() if not e.stopped and e.old_hash in self._state_index}
+        every = self.sweep.static.train.eval_every
+        return len(kept), {r: e.steps // every for r, e in self._continued.items()}
+
+    def continuation(self, rows, names: list[str], metrics: list[str]) -> dict:
+        """{run: (its stored final state's leaves, its curves so far, evaluations done)} of those of
+        `rows` that continue (carry_over); a state that does not read is left out."""
+        continued = {r: e for r, e in getattr(self, "_continued", {}).items() if r in set(np.asarray(rows).tolist())}
+        if not continued:
+            return {}
+        return _extend.continuation(self.sweep, continued, self._state_index, names, metrics)
 
     # -- the batch in progress ----------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jaxgrok import measures, results
+from jaxgrok.store import states
 
 
 class DamagedPart(Exception):
@@ -28,14 +29,17 @@ def curves_part(runs_path: Path) -> Path:
     return runs_path.with_name("curves-" + runs_path.name.removeprefix("runs-"))
 
 
-def write_pair(parts: Path, tag: str, runs_table: pa.Table, curves_table: pa.Table) -> Path:
+def write_pair(parts: Path, tag: str, runs_table: pa.Table, curves_table: pa.Table, state=None) -> Path:
     """Write a finished batch's pair of parts into `parts`, named by its runs (and `tag`, this
-    process's or shard's name), each atomically; the path of its runs part."""
+    process's or shard's name), each atomically; the path of its runs part. `state`: (run hashes,
+    steps, leaves), the final train states of the runs that trained their whole budget (states.py)."""
     key = hashlib.sha256("".join(runs_table.column("run_hash").to_pylist()).encode()).hexdigest()[:16]
     prefix = f"{tag}-" if tag else ""
+    runs_path = parts / f"runs-{prefix}{key}.parquet"
+    if state is not None:  # before the runs part, which marks the batch done
+        states.write(states.path_for(runs_path), *state)
     # curves first: a runs part is what marks the batch done.
     results.write_atomic(curves_table, parts / f"curves-{prefix}{key}.parquet")
-    runs_path = parts / f"runs-{prefix}{key}.parquet"
     results.write_atomic(runs_table, runs_path)
     return runs_path
 

@@ -1,0 +1,71 @@
+"""A raised budget: runs continue from their stored final state (or, retired, are kept as they are)
+and end equal to a fresh sweep at the new budget."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_raw
+
+from jaxgrok import engine, pipeline, train
+from jaxgrok.store import Store
+from jaxgrok.sweep import SweepError, sweep_from_dict
+
+
+def sweep(steps, stop=0):
+    """6 quick runs; chunks of 300 steps, so a budget of 1,000 ends inside a chunk of the larger one."""
+    return sweep_from_dict(make_raw(train={"steps": steps, "eval_every": 50, "chunk_steps": 300, "stop_after_grokking": stop},
+                                    sweep={"seed": {"count": 6}, "weight_decay": 1.0, "learning_rate": 1e-2,
+                                           "train_fraction": 0.6}), "s.toml")
+
+
+def run(s, out):
+    pipeline.run(s, out=out, quiet=True, analyze=False)
+    return pq.read_table(out / "runs.parquet"), pq.read_table(out / "curves.parquet")
+
+
+@pytest.mark.parametrize("stop", [0, 200])
+def test_a_raised_budget_continues_and_equals_a_fresh_sweep(tmp_path, stop):
+    small = run(sweep(1000, stop), tmp_path / "out")
+    censored = np.array(small[0].column("censored").to_pylist())
+    assert censored.any() and not censored.all()  # grokked and censored runs alike
+    assert list((tmp_path / "out" / "parts").glob("state-*.npz"))  # final states kept for a larger budget
+    store = Store(tmp_path / "out", sweep(2500, stop))
+    kept, continued = store.carry_over(np.arange(6))
+    assert kept == 0 and len(continued) == 6  # none retired within 1,000 steps: all continue
+    assert set(continued.values()) == {1000 // 50}
+    result = engine.train_sweep(sweep(2500, stop), store=store)
+    store.merge()
+    fresh = run(sweep(2500, stop), tmp_path / "fresh")
+    trained = 6 * 1500 - (2500 - fresh[0].column("stopped_at").fill_null(2500).to_numpy()).sum()
+    assert result.trained_steps == trained  # from step 1,000 on, not from 0
+    extended = pq.read_table(tmp_path / "out" / "runs.parquet"), pq.read_table(tmp_path / "out" / "curves.parquet")
+    assert extended[0].equals(fresh[0]) and extended[1].equals(fresh[1])
+
+
+def test_retired_runs_are_kept_as_they_are(tmp_path):
+    first = run(sweep(2500, 200), tmp_path / "out")
+    stopped = first[0].column("stopped_at").to_pylist()
+    assert any(s is not None for s in stopped)
+    store = Store(tmp_path / "out", sweep(4000, 200))
+    kept, continued = store.carry_over(np.arange(6))
+    assert kept == sum(s is not None for s in stopped) and len(continued) == 6 - kept
+    extended, fresh = run(sweep(4000, 200), tmp_path / "out"), run(sweep(4000, 200), tmp_path / "fresh")
+    assert extended[0].equals(fresh[0]) and extended[1].equals(fresh[1])
+
+
+def test_a_damaged_state_trains_its_runs_from_step_0(tmp_path, capfd):
+    run(sweep(1000), tmp_path / "out")
+    for path in (tmp_path / "out" / "parts").glob("state-*.npz"):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # a flipped bit inside a member: its CRC-32 no longer matches
+        path.write_bytes(bytes(data))
+    extended, fresh = run(sweep(2500), tmp_path / "out"), run(sweep(2500), tmp_path / "fresh")
+    assert "unreadable" in capfd.readouterr().err
+    assert extended[0].equals(fresh[0]) and extended[1].equals(fresh[1])
+
+
+def test_a_budget_the_training_depends_on_refuses_to_extend(tmp_path, monkeypatch):
+    run(sweep(1000), tmp_path / "out")
+    monkeypatch.setattr(train, "depends_on_budget", lambda static: True)
+    with pytest.raises(SweepError, match=r"train.steps: raised to 2,500, but this sweep's training depends on its budget"):
+        Store(tmp_path / "out", sweep(2500)).carry_over(np.arange(6))
