@@ -74,12 +74,19 @@ def versions() -> dict[str, str]:
 
 
 def metadata(kind: str, resolved: dict) -> dict[bytes, bytes]:
-    """A Parquet file's jaxgrok metadata: its kind, the resolved sweep and the versions."""
-    return {
+    """A Parquet file's jaxgrok metadata: its kind, the resolved sweep, the versions, and (runs) how
+    t_val is defined."""
+    out = {
         KIND_KEY: kind.encode(),
         b"jaxgrok.sweep": json.dumps(resolved, sort_keys=True).encode(),
         b"jaxgrok.versions": json.dumps(versions(), sort_keys=True).encode(),
     }
+    if kind == "runs":
+        window = resolved.get("train", {}).get("stop_after_grokking", 0)
+        out[b"jaxgrok.t_val"] = (f"the first evaluated step from which val_acc stays >= "
+                                 f"{resolved.get('grokking', {}).get('threshold', 0.99)} to the run's end"
+                                 + (f" (stopped_at, for a run retired {window} steps after it)" if window else "")).encode()
+    return out
 
 
 def _nullable(x: np.ndarray, typ) -> pa.Array:

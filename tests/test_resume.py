@@ -107,9 +107,9 @@ def test_killed_between_committing_a_batch_and_clearing_its_checkpoint(tmp_path,
                         sweep={"seed": {"count": 4}, "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.5}))
     pipeline.run(sweep, out=tmp_path / "ref", quiet=True, analyze=False)
 
-    def commit_then_die(self, runs_table, curves_table, clear=True):
+    def commit_then_die(self, runs_table, curves_table, clear=True, state=None):
         from jaxgrok.store import parts
-        parts.write_pair(self.parts, self.tag, runs_table, curves_table)
+        parts.write_pair(self.parts, self.tag, runs_table, curves_table, state)
         raise Killed
 
     with monkeypatch.context() as m:
@@ -197,3 +197,23 @@ def test_shards_without_a_coordinator(tmp_path, reference):
     assert not (out / "runs.parquet").exists()
     finish(sweep, out, "--shard", "1/2")
     assert_same(out, reference)
+
+
+def test_two_processes_retire_and_refill_as_one(tmp_path):
+    """With stop_after_grokking, each process decides for its own slots and all refill alike (the
+    decisions are gathered): the same files as one process."""
+    sweep = write_sweep(tmp_path / "retiring.toml", name="retiring",
+                        train={"steps": 2500, "eval_every": 50, "chunk_steps": 250, "max_runs_per_batch": 2,
+                               "stop_after_grokking": 200},
+                        sweep={"seed": {"count": 6}, "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.6})
+    finish(sweep, tmp_path / "one", "--set", "max_runs_per_batch=2")
+    port, env = free_port(), {**ENV, "JAX_NUM_CPU_DEVICES": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxgrok", "run", str(sweep), "--out", str(tmp_path / "two"), "--no-analyze",
+         "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    one, two = tables(tmp_path / "one"), tables(tmp_path / "two")
+    assert one[0].column("stopped_at").null_count < one[0].num_rows  # runs retired, and slots were refilled
+    assert one[0].equals(two[0]) and one[1].equals(two[1])

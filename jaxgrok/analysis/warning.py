@@ -313,7 +313,7 @@ def early_warning(cols: dict, curves: pa.Table, resolved: dict, keys: list[str])
 def snapshot_moments(resolved: dict, cols: dict, n_moments: int = 5) -> tuple[int, list[int], dict[int, str]] | None:
     """Which run and which moments to show the embedding of: one typical grokked run (median t_val of
     the grokked runs) at initialization, t_train, half-way to t_val, t_val, and 2·t_val (within the
-    budget). Returns (run_id, steps, {step: what the moment is}), or None when no run grokked or the
+    budget, or where the run retired). Returns (run_id, steps, {step: what the moment is}), or None when no run grokked or the
     task has no residues."""
     grokked = np.nonzero(~cols["censored"] & np.isfinite(cols["t_train"]))[0]
     if not len(grokked) or resolved["task"]["op"] not in MODULAR_OPS:
@@ -322,6 +322,8 @@ def snapshot_moments(resolved: dict, cols: dict, n_moments: int = 5) -> tuple[in
     i = grokked[np.argsort(t_val, kind="stable")[len(t_val) // 2]]
     every = resolved["train"]["eval_every"]
     t_train, t_v, budget = int(cols["t_train"][i]), int(cols["t_val"][i]), int(cols["steps"][i])
+    if np.isfinite(stopped := float(cols["stopped_at"][i])):  # a retired run is frozen from there
+        budget = int(stopped)
     half = (t_train + t_v) // 2 // every * every
     labels = {min(budget, 2 * t_v): "2·t_val", t_v: "t_val", half: "half-way", t_train: "t_train", 0: "init"}
     return int(cols["run_id"][i]), sorted(labels)[:n_moments], labels

@@ -171,6 +171,13 @@ def _cells_html(rows: list[dict], keys: list[str]) -> str:
     return f"<h2>Cells</h2><table><tr>{head}</tr>{body}</table>"
 
 
+def _window(resolved: dict) -> str:
+    """How far "stays" reaches where runs retired (stop_after_grokking)."""
+    k = resolved["train"].get("stop_after_grokking", 0)
+    return (f" to the run's end: for a run that retired, the {k:,} steps after it (stop_after_grokking), not the "
+            f"whole budget") if k else ""
+
+
 def page(a: Analysis, figs: dict[str, Path]) -> str:
     """The report of analysis `a` as one HTML page, with the PNGs of `figs` ({name: path}) embedded."""
     cols, resolved, rho = a.runs, a.sweep, a.rank_correlation
@@ -185,7 +192,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:10
 <p>{html.escape(resolved.get('description', ''))}</p>
 <p>{len(cols['run_id'])} runs, {int((~cols['censored']).sum())} grokked, budget {int(cols['steps'].max())} steps,
 computed in {html.escape(str(resolved['train'].get('precision', 'float32')))}.
-Grokking time t_val: first evaluation from which validation accuracy stays ≥ {resolved['grokking']['threshold']}.
+Grokking time t_val: first evaluation from which validation accuracy stays ≥ {resolved['grokking']['threshold']}{_window(resolved)}.
 Runs that did not grok are right-censored at the budget (Kaplan–Meier); a median that is not reached is reported as such.</p>
 {_cells_html(a.cells, a.keys)}
 {_variance_html(a.sensitivity)}
