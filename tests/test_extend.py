@@ -10,11 +10,13 @@ from jaxgrok import engine, pipeline, train
 from jaxgrok.store import Store
 from jaxgrok.sweep import SweepError, sweep_from_dict
 
+N = 4  # runs: at 1,000 steps two have grokked and two not
+
 
 def sweep(steps, stop=0):
-    """6 quick runs; chunks of 300 steps, so a budget of 1,000 ends inside a chunk of the larger one."""
+    """Quick runs; chunks of 300 steps, so a budget of 1,000 ends inside a chunk of the larger one."""
     return sweep_from_dict(make_raw(train={"steps": steps, "eval_every": 50, "chunk_steps": 300, "stop_after_grokking": stop},
-                                    sweep={"seed": {"count": 6}, "weight_decay": 1.0, "learning_rate": 1e-2,
+                                    sweep={"seed": {"count": N}, "weight_decay": 1.0, "learning_rate": 1e-2,
                                            "train_fraction": 0.6}), "s.toml")
 
 
@@ -30,26 +32,26 @@ def test_a_raised_budget_continues_and_equals_a_fresh_sweep(tmp_path, stop):
     assert censored.any() and not censored.all()  # grokked and censored runs alike
     assert list((tmp_path / "out" / "parts").glob("state-*.npz"))  # final states kept for a larger budget
     store = Store(tmp_path / "out", sweep(2500, stop))
-    kept, continued = store.carry_over(np.arange(6))
-    assert kept == 0 and len(continued) == 6  # none retired within 1,000 steps: all continue
+    kept, continued = store.carry_over(np.arange(N))
+    assert kept == 0 and len(continued) == N  # none retired within 1,000 steps: all continue
     assert set(continued.values()) == {1000 // 50}
     result = engine.train_sweep(sweep(2500, stop), store=store)
     store.merge()
     fresh = run(sweep(2500, stop), tmp_path / "fresh")
-    trained = 6 * 1500 - (2500 - fresh[0].column("stopped_at").fill_null(2500).to_numpy()).sum()
+    trained = N * 1500 - (2500 - fresh[0].column("stopped_at").fill_null(2500).to_numpy()).sum()
     assert result.trained_steps == trained  # from step 1,000 on, not from 0
     extended = pq.read_table(tmp_path / "out" / "runs.parquet"), pq.read_table(tmp_path / "out" / "curves.parquet")
     assert extended[0].equals(fresh[0]) and extended[1].equals(fresh[1])
 
 
 def test_retired_runs_are_kept_as_they_are(tmp_path):
-    first = run(sweep(2500, 200), tmp_path / "out")
+    first = run(sweep(1500, 200), tmp_path / "out")
     stopped = first[0].column("stopped_at").to_pylist()
-    assert any(s is not None for s in stopped)
-    store = Store(tmp_path / "out", sweep(4000, 200))
-    kept, continued = store.carry_over(np.arange(6))
-    assert kept == sum(s is not None for s in stopped) and len(continued) == 6 - kept
-    extended, fresh = run(sweep(4000, 200), tmp_path / "out"), run(sweep(4000, 200), tmp_path / "fresh")
+    assert 0 < sum(s is not None for s in stopped) < N  # some retired within 1,500 steps, some not
+    store = Store(tmp_path / "out", sweep(2500, 200))
+    kept, continued = store.carry_over(np.arange(N))
+    assert kept == sum(s is not None for s in stopped) and len(continued) == N - kept
+    extended, fresh = run(sweep(2500, 200), tmp_path / "out"), run(sweep(2500, 200), tmp_path / "fresh")
     assert extended[0].equals(fresh[0]) and extended[1].equals(fresh[1])
 
 
@@ -68,4 +70,4 @@ def test_a_budget_the_training_depends_on_refuses_to_extend(tmp_path, monkeypatc
     run(sweep(1000), tmp_path / "out")
     monkeypatch.setattr(train, "depends_on_budget", lambda static: True)
     with pytest.raises(SweepError, match=r"train.steps: raised to 2,500, but this sweep's training depends on its budget"):
-        Store(tmp_path / "out", sweep(2500)).carry_over(np.arange(6))
+        Store(tmp_path / "out", sweep(2500)).carry_over(np.arange(N))

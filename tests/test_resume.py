@@ -203,9 +203,9 @@ def test_two_processes_retire_and_refill_as_one(tmp_path):
     """With stop_after_grokking, each process decides for its own slots and all refill alike (the
     decisions are gathered): the same files as one process."""
     sweep = write_sweep(tmp_path / "retiring.toml", name="retiring",
-                        train={"steps": 2500, "eval_every": 50, "chunk_steps": 250, "max_runs_per_batch": 2,
+                        train={"steps": 2000, "eval_every": 50, "chunk_steps": 250, "max_runs_per_batch": 2,
                                "stop_after_grokking": 200},
-                        sweep={"seed": {"count": 6}, "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.6})
+                        sweep={"seed": {"count": 4}, "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.6})
     finish(sweep, tmp_path / "one", "--set", "max_runs_per_batch=2")
     port, env = free_port(), {**ENV, "JAX_NUM_CPU_DEVICES": "1"}
     procs = [subprocess.Popen(
