@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_raw
 
-from jaxgrok import engine, grokking
+from jaxgrok import engine, grokking, pipeline
 from jaxgrok.store import Interrupted, Store
 from jaxgrok.sweep import SweepError, sweep_from_dict
 
@@ -119,7 +119,7 @@ def test_a_negative_window_is_refused_in_one_line():
         sweep_from_dict(raw(stop=-1), "bad.toml")
 
 
-def test_interrupted_with_retiring_and_refilling_resumes_bit_identically(tmp_path, trained):
+def test_interrupted_with_retiring_and_refilling_resumes_bit_identically(tmp_path, trained, capsys):
     sweep, retiring, _ = trained
     out = tmp_path / "out"
     for after in (3, 7):  # stop twice: in the first slots' runs, then after some have retired
@@ -153,3 +153,7 @@ def test_interrupted_with_retiring_and_refilling_resumes_bit_identically(tmp_pat
     for r, stop, t_val in zip(*(runs.column(c).to_pylist() for c in ("run_id", "stopped_at", "t_val")), strict=True):
         assert steps[ids == r].max() == (stop if stop is not None else 2500)
         assert stop is None or stop == t_val + WINDOW
+    # --dry-run estimates what retiring trains from the grokking times in DIR: here, exactly what it did.
+    capsys.readouterr()
+    pipeline.run(sweep, out=out, dry_run=True)
+    assert f"about {retiring.trained_steps:,} (" in capsys.readouterr().out
