@@ -30,7 +30,14 @@ def bytes_per_run(static: Static, program: train.Program) -> int:
     if m.llc:
         batch = m.llc_batch_size if 0 < m.llc_batch_size < static.n_train_min else static.n_train_max
         activations += m.llc_chains * (3 * n_params + 3 * program.model.activations(batch))
-    return 4 * (6 * n_params + 3 * activations) + 8 * n_pairs
+    return 4 * (6 * n_params + _filter_copies(static) * n_params + 3 * activations) + 8 * n_pairs
+
+
+def _filter_copies(static: Static) -> int:
+    """Copies of the parameters that the Grokfast filter keeps: its EMA, or the MA's window."""
+    if not static.grokfast:
+        return 0
+    return static.train.grokfast_window if static.train.grokfast_filter == "ma" else 1
 
 
 def flops_per_step(static: Static) -> float:
@@ -52,7 +59,7 @@ def _least_parts(static: Static, model_cfg=None) -> tuple[int, int]:
     size = tasks.sizes(static.task)
     model = models.build(model_cfg or static.model, size.n_symbols, size.n_classes, size.n_inputs)
     n_params = models.n_params(jax.eval_shape(model.init, jax.random.key(0)))
-    return 16 * n_params, 4 * size.n_pairs * size.n_classes
+    return (16 + 4 * _filter_copies(static)) * n_params, 4 * size.n_pairs * size.n_classes
 
 
 def least_bytes_per_run(static: Static) -> int:

@@ -77,6 +77,32 @@ def grokfast_ema(alpha, lamb) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+class MaState(NamedTuple):
+    """The Grokfast MA filter's state."""
+
+    window: optax.Params  # the last `w` gradients, each leaf [w, ...], a ring written at count % w
+    count: jax.Array  # int32: gradients seen
+
+
+def grokfast_ma(window: int, lamb) -> optax.GradientTransformation:
+    """g ↦ g + λ·(the mean of the last `window` gradients, this one included), once `window` have
+    been seen, the gradient itself before (the reference's gradfilter_ma with its warmup=True, as
+    its main.py calls it)."""
+
+    def init(params):
+        return MaState(jax.tree.map(lambda p: jnp.zeros((window, *p.shape), p.dtype), params), jnp.zeros([], jnp.int32))
+
+    def update(grads, state, params=None):
+        del params
+        at = state.count % window
+        buf = jax.tree.map(lambda b, g: b.at[at].set(g), state.window, grads)
+        full = (state.count + 1 >= window) & (lamb > 0)
+        out = jax.tree.map(lambda g, b: jnp.where(full, g + lamb * (b.sum(0) / window), g), grads, buf)
+        return out, MaState(buf, optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 def orthograd(on) -> optax.GradientTransformation:
     """Per tensor, g ↦ g⊥·‖g‖/‖g⊥‖ with g⊥ = g − (w·g)/(w·w)·w, as the reference (its 10⁻³⁰ guards
     included) where `on` > 0; the gradient itself elsewhere."""
@@ -118,5 +144,7 @@ def optimizer(cfg: TrainConfig, hp, grokfast: bool, ortho: bool = False) -> opta
     # before optimizer.step.
     opt = _promoted_as_optax_expects(opt)
     if grokfast:
-        opt = optax.chain(grokfast_ema(hp.grokfast_alpha, hp.grokfast_lambda), opt)
+        grokfast_filter = (grokfast_ma(cfg.grokfast_window, hp.grokfast_lambda) if cfg.grokfast_filter == "ma"
+                           else grokfast_ema(hp.grokfast_alpha, hp.grokfast_lambda))
+        opt = optax.chain(grokfast_filter, opt)
     return optax.chain(orthograd(hp.orthograd), opt) if ortho else opt

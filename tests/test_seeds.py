@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxgrok import engine, optim, train
+from jaxgrok.sweep import SweepError
 
 ONE = jax.devices()[:1]
 
@@ -97,6 +99,40 @@ def test_grokfast_filter_is_the_reference_ema():
     out, _ = off.update({"w": jnp.asarray(grads[0])}, off.init({"w": jnp.zeros(3)}))
     np.testing.assert_array_equal(out["w"], grads[0])
     assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_grokfast_ma_filter_is_a_moving_average_of_the_last_gradients():
+    """Once `window` gradients have been seen the optimizer gets g + λ·(their mean, g included), the
+    gradient itself before (ironjr/grokfast gradfilter_ma, warmup=True); a direct deque computation."""
+    from collections import deque
+
+    window, lamb = 4, 5.0
+    tx = optim.grokfast_ma(window, jnp.float32(lamb))
+    grads = np.random.default_rng(1).normal(size=(11, 2, 3)).astype(np.float32)
+    state, last = tx.init({"w": jnp.zeros((2, 3))}), deque(maxlen=window)
+    for g in grads:
+        out, state = tx.update({"w": jnp.asarray(g)}, state)
+        last.append(g)
+        want = g + lamb * (sum(last) / window) if len(last) == window else g
+        np.testing.assert_allclose(out["w"], want, rtol=1e-5, atol=1e-6)
+    off = optim.grokfast_ma(window, jnp.float32(0.0))
+    state = off.init({"w": jnp.zeros((2, 3))})
+    for g in grads[:window + 1]:
+        out, state = off.update({"w": jnp.asarray(g)}, state)
+        np.testing.assert_array_equal(out["w"], g)
+
+
+def test_the_ma_filter_is_a_choice_of_the_sweep(tiny_sweep):
+    ema = tiny_sweep(sweep={"seed": [0], "grokfast_lambda": [5.0], "weight_decay": 1.0, "learning_rate": 1e-2,
+                            "train_fraction": 0.5})
+    ma = tiny_sweep(train={"grokfast_filter": "ma", "grokfast_window": 8},
+                    sweep={"seed": [0], "grokfast_lambda": [5.0], "weight_decay": 1.0, "learning_rate": 1e-2,
+                           "train_fraction": 0.5})
+    assert ema.run_hashes != ma.run_hashes
+    curves = [_curves(engine.train_sweep(s, devices=ONE))[0] for s in (ema, ma)]
+    assert np.isfinite(curves[1][..., :5]).all() and not np.array_equal(curves[0], curves[1])  # losses, accuracies, norm
+    with pytest.raises(SweepError, match=r"train.grokfast_filter: must be ema or ma"):
+        tiny_sweep(train={"grokfast_filter": "median"})
 
 
 def test_grokfast_off_is_plain_adamw():

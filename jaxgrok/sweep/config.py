@@ -58,6 +58,10 @@ class TrainConfig:
     # many steps after its t_val (or at once when it diverges), and give its slot to a pending run;
     # 0: every run trains its whole budget. A run that has not grokked is never retired.
     stop_after_grokking: int = field(default=0, metadata=checked(lambda v: v >= 0, "must be ≥ 0 (steps; 0 = off)"))
+    # Grokfast's filter where grokfast_lambda > 0 (Lee et al. 2024): ema (momentum grokfast_alpha) or
+    # ma, the mean of the last grokfast_window gradients (the paper's MA: window 100, λ 5).
+    grokfast_filter: str = field(default="ema", metadata=checked(lambda v: v in ("ema", "ma"), "must be ema or ma"))
+    grokfast_window: int = field(default=100, metadata=checked(lambda v: v >= 1, "must be ≥ 1 (gradients averaged)"))
 
 
 @dataclass(frozen=True)

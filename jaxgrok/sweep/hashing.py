@@ -26,7 +26,7 @@ from jaxgrok.sweep.axes import AXES, TABLE
 # [train] keys that decide how the work is cut, not what is computed.
 NOT_HASHED_TRAIN = ("chunk_steps", "max_runs_per_batch")
 # [train] keys added after the first results were written: left out of the hash at their default.
-LATER_TRAIN = {"precision": "float32", "stop_after_grokking": 0}
+LATER_TRAIN = {"precision": "float32", "stop_after_grokking": 0, "grokfast_filter": "ema", "grokfast_window": 100}
 
 
 def static_part(resolved: dict, task, model) -> str:
