@@ -146,8 +146,6 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
     and dropped: its runs train from step 0, as in a fresh run."""
     continued = store.carry_over(index)[1] if store is not None else {}
     todo = index if store is None else store.pending(index)
-    if continued:  # runs continued from a smaller budget first, each batch of one budget: in step
-        todo = np.array(sorted(todo, key=lambda r: -continued.get(int(r), -1)), np.int64)
     batches, resume = [], False
     if store is not None and (cursor := store.checkpointed_batch()):
         done = store.done_hashes()
@@ -177,7 +175,12 @@ def _plan(sweep: Sweep, index: np.ndarray, per_batch: int, store: Store | None) 
             batches.append(rows)
             todo = todo[~np.isin(todo, rows)]
             resume = True
-    batches += [todo[k:k + per_batch] for k in range(0, len(todo), per_batch)]
+    # Runs continued from a smaller budget first, each batch of runs at one evaluation count, so that
+    # its slots move in step (then the fresh ones).
+    start = np.array([continued.get(int(r), -1) for r in todo])
+    for e in sorted(set(start.tolist()), reverse=True):
+        group = todo[start == e]
+        batches += [group[k:k + per_batch] for k in range(0, len(group), per_batch)]
     return batches, resume
 
 
@@ -278,6 +281,8 @@ class _Tally:
     memorised: int = 0  # of this process's finished runs
     grokked: int = 0
     runs: list[_Finished] = field(default_factory=list)  # this process's finished runs
+    unwritten: list[_Finished] = field(default_factory=list)  # ...of which not yet in parts/
+    ended: set[int] = field(default_factory=set)  # every process's finished runs (positions in sweep.runs)
 
 
 @dataclass
@@ -305,7 +310,6 @@ class _Batch:
     hp: train.Hparams
     local: np.ndarray  # the slots that this process holds
     curves: np.ndarray  # float32[per_batch, evals, len(METRICS)]: each slot's run's so far, NaN where not yet trained
-    unwritten: list[_Finished] = field(default_factory=list)  # this process's finished runs not yet in parts/
 
     def live(self) -> np.ndarray:
         """The slots whose run still has evaluations to do."""
@@ -360,7 +364,7 @@ def _train_batch(ctx: _Context, compiled: _Compiled, plan: _Plan, tally: _Tally,
     if pending is not None:
         _collect(ctx, tally, batch, len(plan.batches), *pending)
         _settle(ctx, tally, batch, state, retiring)
-    _commit(ctx, tally, batch, last=True)
+    _commit(ctx, tally, last=True)
 
 
 def _queued(plan: _Plan, b: int) -> bool:
@@ -427,6 +431,9 @@ def _continued(ctx: _Context, batch: _Batch, state, slots: np.ndarray):
         return state
     leaves = train.state_leaves(state)
     got = ctx.store.continuation(batch.slots[slots], list(leaves), list(train.METRICS))
+    if not _agree(repr(sorted((r, v[2]) for r, v in got.items()))):  # every process read the same states
+        raise SweepError(f"{ctx.store.out / 'parts'}: the processes read different stored states of the runs "
+                         f"they continue (a file read by some and not others); run again")
     if not got:
         return state
     mask = np.zeros(len(batch.slots), bool)
@@ -515,10 +522,11 @@ def _settle(ctx: _Context, tally: _Tally, batch: _Batch, state, retiring: bool) 
             curves[keep[slot]:] = np.nan
             kept = {name: v[i] for name, v in final.items()} if final and keep[slot] == n_evals else None
             done = _Finished(int(batch.slots[slot]), curves, int(keep[slot]), energies[i], energies0[i], kept)
-            batch.unwritten.append(done)
+            tally.unwritten.append(done)
             memorised, grokked = _counts(ctx, curves[None], np.array([done.end]))
             tally.memorised, tally.grokked = tally.memorised + memorised, tally.grokked + grokked
     tally.finished += int(ended.sum())
+    tally.ended |= set(batch.slots[ended].tolist())
     tally.trained += _trained(batch, ended, keep, cfg.eval_every)
     batch.slots = np.where(ended, -1, batch.slots)
     batch.curves[ended] = np.nan
@@ -551,7 +559,7 @@ def _refill(ctx: _Context, compiled: _Compiled, plan: _Plan, batch: _Batch, stat
 
 def _checkpoint(ctx: _Context, tally: _Tally, batch: _Batch, state) -> None:
     """Write the finished runs, then checkpoint the batch in progress; then stop if a signal asked for it."""
-    _commit(ctx, tally, batch, last=False)
+    _commit(ctx, tally, last=False)
     store, curves, every = ctx.store, batch.curves, ctx.sweep.static.train.eval_every
     global_curves = jax.make_array_from_process_local_data(ctx.program.sharding, curves[batch.local], curves.shape)
     hashes = [ctx.sweep.run_hashes[r] if r >= 0 else None for r in batch.slots]
@@ -570,18 +578,19 @@ def _halved(ctx: _Context, compiled: _Compiled, plan: _Plan, tally: _Tally, b: i
     init, chunk = memory.compile_batch(ctx.program, per_batch)
     seconds = time.perf_counter() - t
     need = memory.batch_bytes(init, chunk, memory.metrics_bytes(ctx.program, per_batch // n_dev))
+    _commit(ctx, tally, last=False)  # the runs that finished before it ran out are kept
     rest = np.concatenate(plan.batches[b:])
-    rest = rest[~np.isin(rest, [f.row for f in tally.runs])]
+    rest = rest[~np.isin(rest, list(tally.ended))]  # the same on every process
     batches = plan.batches[:b] + [rest[k:k + per_batch] for k in range(0, len(rest), per_batch)]
     if ctx.store is not None and plan.resume and b == 0:
         ctx.store.clear_checkpoints()
     return _Compiled(per_batch, init, chunk, need), _Plan(batches, False), seconds
 
 
-def _commit(ctx: _Context, tally: _Tally, batch: _Batch, last: bool) -> None:
-    """Keep the batch's finished runs, and with a store write them as part files (`last`: the batch
-    is done, and its checkpoints go)."""
-    done, batch.unwritten = batch.unwritten, []
+def _commit(ctx: _Context, tally: _Tally, last: bool) -> None:
+    """Keep the finished runs, and with a store write them as part files (`last`: the batch is
+    done, and its checkpoints go)."""
+    done, tally.unwritten = tally.unwritten, []
     tally.runs += done
     if ctx.store is None or not (done or last):
         return

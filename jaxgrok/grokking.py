@@ -36,11 +36,16 @@ def phases(t_train: np.ndarray, t_val: np.ndarray, gap: float) -> np.ndarray:
 
 
 def _cut(curves: dict[str, np.ndarray], ends: np.ndarray) -> dict[str, np.ndarray]:
-    """Curves of runs that end early (retired: `ends` evaluations each) read as if their last value
-    held: accuracies past the end count as staying, losses as finite, nothing as first reached."""
-    past = np.arange(curves["val_acc"].shape[1]) >= np.asarray(ends)[:, None]
-    return {"train_acc": np.where(past, np.nan, curves["train_acc"]), "val_acc": np.where(past, np.inf, curves["val_acc"]),
-            "train_loss": np.where(past, 0.0, curves["train_loss"]), "val_loss": np.where(past, 0.0, curves["val_loss"])}
+    """Curves of runs that end early (retired: `ends` evaluations each) read as if each run's last
+    value held to the budget: a run that retired grokked stays grokked, one that retired diverged
+    stays diverged (NaN), and nothing is first reached past its end."""
+    ends = np.maximum(np.asarray(ends), 1)
+    past = np.arange(curves["val_acc"].shape[1]) >= ends[:, None]
+
+    def held(x):
+        return np.where(past, np.take_along_axis(x, (ends - 1)[:, None], 1), x)
+
+    return {name: held(curves[name]) for name in ("train_acc", "val_acc", "train_loss", "val_loss")}
 
 
 def analyse(curves: dict[str, np.ndarray], steps: np.ndarray, grokking_cfg, ends: np.ndarray | None = None

@@ -25,8 +25,20 @@ def run(s, out):
     return pq.read_table(out / "runs.parquet"), pq.read_table(out / "curves.parquet")
 
 
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """(steps, stop) -> the files of a fresh sweep at that budget (each trained once)."""
+    cache = {}
+
+    def get(steps, stop=0):
+        if (steps, stop) not in cache:
+            cache[steps, stop] = run(sweep(steps, stop), tmp_path_factory.mktemp("fresh"))
+        return cache[steps, stop]
+    return get
+
+
 @pytest.mark.parametrize("stop", [0, 200])
-def test_a_raised_budget_continues_and_equals_a_fresh_sweep(tmp_path, stop):
+def test_a_raised_budget_continues_and_equals_a_fresh_sweep(tmp_path, stop, fresh):
     small = run(sweep(1000, stop), tmp_path / "out")
     censored = np.array(small[0].column("censored").to_pylist())
     assert censored.any() and not censored.all()  # grokked and censored runs alike
@@ -37,33 +49,34 @@ def test_a_raised_budget_continues_and_equals_a_fresh_sweep(tmp_path, stop):
     assert set(continued.values()) == {1000 // 50}
     result = engine.train_sweep(sweep(2500, stop), store=store)
     store.merge()
-    fresh = run(sweep(2500, stop), tmp_path / "fresh")
-    trained = N * 1500 - (2500 - fresh[0].column("stopped_at").fill_null(2500).to_numpy()).sum()
+    want = fresh(2500, stop)
+    trained = N * 1500 - (2500 - want[0].column("stopped_at").fill_null(2500).to_numpy()).sum()
     assert result.trained_steps == trained  # from step 1,000 on, not from 0
     extended = pq.read_table(tmp_path / "out" / "runs.parquet"), pq.read_table(tmp_path / "out" / "curves.parquet")
-    assert extended[0].equals(fresh[0]) and extended[1].equals(fresh[1])
+    assert extended[0].equals(want[0]) and extended[1].equals(want[1])
 
 
-def test_retired_runs_are_kept_as_they_are(tmp_path):
+def test_retired_runs_are_kept_as_they_are(tmp_path, fresh):
     first = run(sweep(1500, 200), tmp_path / "out")
     stopped = first[0].column("stopped_at").to_pylist()
     assert 0 < sum(s is not None for s in stopped) < N  # some retired within 1,500 steps, some not
     store = Store(tmp_path / "out", sweep(2500, 200))
     kept, continued = store.carry_over(np.arange(N))
     assert kept == sum(s is not None for s in stopped) and len(continued) == N - kept
-    extended, fresh = run(sweep(2500, 200), tmp_path / "out"), run(sweep(2500, 200), tmp_path / "fresh")
-    assert extended[0].equals(fresh[0]) and extended[1].equals(fresh[1])
+    extended, want = run(sweep(2500, 200), tmp_path / "out"), fresh(2500, 200)
+    assert extended[0].equals(want[0]) and extended[1].equals(want[1])
 
 
-def test_a_damaged_state_trains_its_runs_from_step_0(tmp_path, capfd):
+def test_a_damaged_state_trains_its_runs_from_step_0(tmp_path, capfd, fresh):
     run(sweep(1000), tmp_path / "out")
     for path in (tmp_path / "out" / "parts").glob("state-*.npz"):
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF  # a flipped bit inside a member: its CRC-32 no longer matches
         path.write_bytes(bytes(data))
-    extended, fresh = run(sweep(2500), tmp_path / "out"), run(sweep(2500), tmp_path / "fresh")
+    extended = run(sweep(2500), tmp_path / "out")
     assert "unreadable" in capfd.readouterr().err
-    assert extended[0].equals(fresh[0]) and extended[1].equals(fresh[1])
+    want = fresh(2500)
+    assert extended[0].equals(want[0]) and extended[1].equals(want[1])
 
 
 def test_a_budget_the_training_depends_on_refuses_to_extend(tmp_path, monkeypatch):

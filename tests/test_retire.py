@@ -157,3 +157,21 @@ def test_interrupted_with_retiring_and_refilling_resumes_bit_identically(tmp_pat
     capsys.readouterr()
     pipeline.run(sweep, out=out, dry_run=True)
     assert f"about {retiring.trained_steps:,} (" in capsys.readouterr().out
+
+
+def test_a_run_that_retired_diverged_is_diverged_and_censored():
+    """Retired at its first non-finite evaluation: diverged, censored, never given a t_val."""
+    nan = np.nan
+    curves = {"val_acc": np.array([[0.1, 0.2, nan, nan, nan], [0.1, 1.0, 1.0, 1.0, nan]]),
+              "train_acc": np.array([[0.5, 1.0, nan, nan, nan], [1.0, 1.0, 1.0, 1.0, nan]]),
+              "train_loss": np.array([[1.0, 0.5, nan, nan, nan], [0.1, 0.1, 0.1, 0.1, nan]]),
+              "val_loss": np.array([[1.0, 0.9, nan, nan, nan], [0.1, 0.1, 0.1, 0.1, nan]])}
+    ends = grokking.retire(curves["val_acc"], curves["train_loss"] + curves["val_loss"], np.array([5, 5]), 10, 0.99, 20)
+    assert ends.tolist() == [3, 4]
+
+    class Cfg:
+        threshold, phase_accuracy, phase_gap = 0.99, 0.9, 1000
+
+    out = grokking.analyse(curves, np.arange(1, 6) * 10, Cfg, ends)
+    assert out["diverged"].tolist() == [True, False] and out["censored"].tolist() == [True, False]
+    assert np.isnan(out["t_val"][0]) and out["t_val"][1] == 20

@@ -100,20 +100,38 @@ def _renamed(table: pa.Table, sweep, rows: dict[str, int]) -> pa.Table:
 def continuation(sweep, continued: dict[int, Earlier], state_index: dict, names: list[str], metrics: list[str]
                  ) -> dict[int, tuple[dict[str, np.ndarray], np.ndarray, int]]:
     """For the runs `continued` whose final state is stored: row -> (the state's leaves `names`,
-    its curves so far float32[evaluations, len(metrics)], the evaluations it has done). A state that
-    does not read leaves its run out (it trains from step 0)."""
+    its curves so far float32[evaluations, len(metrics)], the evaluations it has done). Each state
+    file and curves part is read once. A state that does not read leaves its run out (it trains
+    from step 0)."""
     every = sweep.static.train.eval_every
-    out = {}
+    by_file: dict[Path, list[int]] = {}
     for row, e in continued.items():
-        path, at, steps = state_index[e.old_hash]
-        leaves = states.read(path, [at], names)
-        if leaves is None or steps != e.steps:
+        path, _, steps = state_index[e.old_hash]
+        if steps == e.steps:
+            by_file.setdefault(path, []).append(row)
+    out = {}
+    for path, rows in by_file.items():
+        leaves = states.read(path, [state_index[continued[r].old_hash][1] for r in rows], names)
+        if leaves is None:
             continue
-        curves = pq.read_table(curves_part(e.runs_part))
-        curves = results.upgrade_curves(curves.filter(pa.array([h == e.old_hash for h in curves.column("run_hash").to_pylist()])))
-        curves = curves.sort_by("step")
-        values = np.stack([curves.column(m).cast(pa.float32()).fill_null(np.nan).to_numpy() for m in metrics], 1)
-        if len(values) != steps // every:
-            continue
-        out[row] = ({k: v[0] for k, v in leaves.items()}, values.astype(np.float32), steps // every)
+        curves = _curves_of({continued[r].runs_part for r in rows}, {continued[r].old_hash for r in rows}, metrics)
+        for i, row in enumerate(rows):
+            e = continued[row]
+            values = curves.get(e.old_hash)
+            if values is not None and len(values) == e.steps // every:
+                out[row] = ({k: v[i] for k, v in leaves.items()}, values, e.steps // every)
+    return out
+
+
+def _curves_of(parts: set[Path], hashes: set[str], metrics: list[str]) -> dict[str, np.ndarray]:
+    """old hash -> its curves float32[evaluations, len(metrics)] (null as NaN), read from `parts`."""
+    out = {}
+    for runs_part in parts:
+        table = results.upgrade_curves(pq.read_table(curves_part(runs_part)))
+        table = table.filter(pa.array([h in hashes for h in table.column("run_hash").to_pylist()]))
+        table = table.sort_by([("run_hash", "ascending"), ("step", "ascending")])
+        run_hash = np.array(table.column("run_hash").to_pylist(), object)
+        values = np.stack([table.column(m).cast(pa.float32()).fill_null(np.nan).to_numpy() for m in metrics], 1)
+        for h in np.unique(run_hash):
+            out[h] = values[run_hash == h].astype(np.float32)
     return out
