@@ -480,15 +480,9 @@ def _trained(batch: _Batch, slots: np.ndarray, to: np.ndarray, eval_every: int) 
 
 
 def _counts(ctx: _Context, curves: np.ndarray, done: np.ndarray) -> tuple[int, int]:
-    """(memorised, grokked) among runs with these curves [runs, evals, M], `done` evaluations each:
-    memorised once training accuracy reached the threshold, grokked while validation accuracy is at
-    it at the run's latest evaluation (a live count: t_val asks that it stays)."""
-    if not len(curves):
-        return 0, 0
-    thr = ctx.sweep.static.grokking.threshold
+    """grokking.progress_counts of runs with these curves [runs, evals, M], `done` evaluations each."""
     train_acc, val_acc = (curves[..., train.METRICS.index(m)] for m in ("train_acc", "val_acc"))
-    latest = val_acc[np.arange(len(curves)), np.maximum(done, 1) - 1]
-    return int((train_acc >= thr).any(1).sum()), int(((latest >= thr) & (done > 0)).sum())
+    return grokking.progress_counts(train_acc, val_acc, ctx.sweep.static.grokking.threshold, done)
 
 
 def _settle(ctx: _Context, tally: _Tally, batch: _Batch, state, retiring: bool) -> None:

@@ -75,12 +75,15 @@ def analyse(curves: dict[str, np.ndarray], steps: np.ndarray, grokking_cfg, ends
     }
 
 
-def progress_counts(train_acc: np.ndarray, val_acc: np.ndarray, threshold: float) -> tuple[int, int]:
+def progress_counts(train_acc: np.ndarray, val_acc: np.ndarray, threshold: float, done: np.ndarray) -> tuple[int, int]:
     """Runs memorised so far (train reached the threshold once) and grokked so far (validation at
-    or above it at the latest evaluation: a live count, final t_val asks that it stays)."""
+    or above it at each run's latest evaluation, `done` evaluations in: a live count, final t_val
+    asks that it stays)."""
+    if not len(val_acc):
+        return 0, 0
     memorised = int((train_acc >= threshold).any(1).sum())
-    grokked = int((val_acc[:, -1:] >= threshold).sum()) if val_acc.shape[1] else 0
-    return memorised, grokked
+    latest = val_acc[np.arange(len(val_acc)), np.maximum(done, 1) - 1]
+    return memorised, int(((latest >= threshold) & (np.asarray(done) > 0)).sum())
 
 
 def retire(val_acc: np.ndarray, losses: np.ndarray, done: np.ndarray, eval_every: int, threshold: float,

@@ -132,7 +132,12 @@ class Store:
     def carry_over(self, index: np.ndarray) -> tuple[int, dict[int, int]]:
         """Before planning: the runs of `index` that the directory holds at a smaller budget. Those
         that retired there are written as this sweep's runs (done); returns how many, and {run:
-        evaluations done} of those that continue from their stored final state (see continuation)."""
+        evaluations done} of those that continue from their stored final state (see continuation).
+        Done once per Store: a second call (the engine's plan, after the run's first lines) returns
+        what the first found."""
+        every = self.sweep.static.train.eval_every
+        if hasattr(self, "_continued"):
+            return 0, {r: e.steps // every for r, e in self._continued.items()}
         pending = set(self.pending(index).tolist())
         found = _extend.earlier(self.sweep, self.finished_parts(), pending)
         kept = {r: e for r, e in found.items() if e.stopped}
@@ -140,13 +145,13 @@ class Store:
             _extend.carry_over(self.sweep, kept, lambda runs, curves: self.write_batch(runs, curves, clear=False))
         self._state_index = _states.index(self.parts) if found else {}
         self._continued = {r: e for r, e in found.items() if not e.stopped and e.old_hash in self._state_index}
-        every = self.sweep.static.train.eval_every
         return len(kept), {r: e.steps // every for r, e in self._continued.items()}
 
     def continuation(self, rows, names: list[str], metrics: list[str]) -> dict:
         """{run: (its stored final state's leaves, its curves so far, evaluations done)} of those of
         `rows` that continue (carry_over); a state that does not read is left out."""
-        continued = {r: e for r, e in getattr(self, "_continued", {}).items() if r in set(np.asarray(rows).tolist())}
+        wanted = set(np.asarray(rows).tolist())
+        continued = {r: e for r, e in getattr(self, "_continued", {}).items() if r in wanted}
         if not continued:
             return {}
         return _extend.continuation(self.sweep, continued, self._state_index, names, metrics)
