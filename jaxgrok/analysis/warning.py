@@ -321,11 +321,11 @@ def snapshot_moments(resolved: dict, cols: dict, n_moments: int = 5) -> tuple[in
     t_val = cols["t_val"][grokked]
     i = grokked[np.argsort(t_val, kind="stable")[len(t_val) // 2]]
     every = resolved["train"]["eval_every"]
-    t_train, t_v, budget = int(cols["t_train"][i]), int(cols["t_val"][i]), int(cols["steps"][i])
-    if np.isfinite(stopped := float(cols["stopped_at"][i])):  # a retired run is frozen from there
-        budget = int(stopped)
+    t_train, t_v, end, last = int(cols["t_train"][i]), int(cols["t_val"][i]), int(cols["steps"][i]), "2·t_val"
+    if np.isfinite(stopped := float(cols["stopped_at"][i])) and stopped < 2 * t_v:  # frozen from there
+        end, last = int(stopped), "retired"
     half = (t_train + t_v) // 2 // every * every
-    labels = {min(budget, 2 * t_v): "2·t_val", t_v: "t_val", half: "half-way", t_train: "t_train", 0: "init"}
+    labels = {min(end, 2 * t_v): last, t_v: "t_val", half: "half-way", t_train: "t_train", 0: "init"}
     return int(cols["run_id"][i]), sorted(labels)[:n_moments], labels
 
 
