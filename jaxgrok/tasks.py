@@ -82,7 +82,7 @@ def is_prime(n: int) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _table(op: str, p: int) -> Table:
+def _table(op: str, p: int, y_nonzero: bool = False) -> Table:
     if op == "s5":
         perms = list(itertools.permutations(range(5)))
         index = {q: i for i, q in enumerate(perms)}
@@ -92,7 +92,7 @@ def _table(op: str, p: int) -> Table:
         return Table(pairs.astype(np.int32), np.array(answers, np.int32), len(perms), len(perms))
     a, b = np.meshgrid(np.arange(p, dtype=np.int64), np.arange(p, dtype=np.int64), indexing="ij")
     a, b = a.ravel(), b.ravel()
-    if op in NEEDS_PRIME:
+    if op in NEEDS_PRIME or y_nonzero:
         a, b = a[b != 0], b[b != 0]  # x/y is undefined at y = 0
     c = MODULAR[op](a, b, p)
     return Table(np.stack([a, b], 1).astype(np.int32), c.astype(np.int32), p, p)
@@ -104,6 +104,8 @@ class TaskConfig:
 
     op: str = field(metadata=checked(lambda v: v in OPS, f"unknown task; one of {', '.join(OPS)}"))
     p: int = field(default=0, metadata=checked(lambda v: v == 0 or v >= 2, "must be ≥ 2"))
+    # y over 1 … p − 1 only, as Lee et al.'s multiplication_mod_p_data (x·y with y = 0 is always 0).
+    y_nonzero: bool = False
 
     def validate(self) -> None:
         """The rules between op and p: ValueError("p: what is wrong") where one is broken."""
@@ -114,15 +116,17 @@ class TaskConfig:
                 raise ValueError(f"p: {self.op} needs a prime modulus, got {self.p}")
         elif self.p != 0:
             raise ValueError(f"p: task {self.op} takes no modulus")
+        elif self.y_nonzero:
+            raise ValueError(f"y_nonzero: task {self.op} has no y = 0 to leave out")
 
     def table(self) -> Table:
         """Every pair of the operation's table (built once per op and p)."""
-        return _table(self.op, self.p)
+        return _table(self.op, self.p, self.y_nonzero)
 
     def sizes(self) -> Sizes:
         """The table's sizes, counted without building it (a sweep is sized before anything is built)."""
         n = 120 if self.op in GROUP_OPS else self.p
-        n_pairs = 120 * 120 if self.op in GROUP_OPS else self.p * (self.p - 1) if self.op in NEEDS_PRIME else self.p**2
+        n_pairs = 120 * 120 if self.op in GROUP_OPS else self.p * (self.p - 1) if self.op in NEEDS_PRIME or self.y_nonzero else self.p**2
         return Sizes(n_pairs, n, n, 2)
 
 

@@ -339,6 +339,9 @@ def train_step(s: Setup, state: RunState, hp: Hparams) -> RunState:
         loss, grads = jax.value_and_grad(partial(full_batch_loss, s))(state.params, state.order, hp.n_train)
     updates, opt_state = _optimizer(s, hp).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if s.static.constrain_norm:  # Omnigrok: params *= ‖params0‖ / ‖params‖ after the step
+        scale = optax.tree.norm(state.params0) / optax.tree.norm(params)
+        params = jax.tree.map(lambda w: jnp.where(hp.constrain_norm > 0, w * scale, w), params)
     # A run whose loss or gradient is non-finite keeps its last finite weights from then on; so does
     # a retired run.
     diverged = state.diverged | ~(jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)))

@@ -196,3 +196,19 @@ def test_orthograd_as_an_axis(tiny_sweep):
     np.testing.assert_allclose(b[runs == 0], a, rtol=1e-5, atol=1e-6)
     loss = train.METRICS.index("train_loss")
     assert np.abs(b[runs == 1][:, :, loss] - a[:, :, loss]).max() > 1e-3
+
+
+def test_constrained_norm_as_an_axis(tiny_sweep):
+    """Omnigrok's constrained runs: with constrain_norm = 1 the weight norm is the same at every
+    evaluation, while it moves without; the runs without it follow plain AdamW; its own hash."""
+    cfg = dict(seed=[0, 1], init_scale=3.0, train_={"steps": 40, "eval_every": 10})
+    plain = _sweep(tiny_sweep, **cfg)
+    mixed = _sweep(tiny_sweep, constrain_norm=[0, 1], **cfg)
+    assert mixed.static.constrain_norm and not plain.static.constrain_norm
+    assert not set(mixed.run_hashes) & set(plain.run_hashes) and len(set(mixed.run_hashes)) == 4
+    a, b = _curves(engine.train_sweep(plain, devices=ONE)), _curves(engine.train_sweep(mixed, devices=ONE))
+    on = mixed.runs["constrain_norm"] == 1
+    np.testing.assert_allclose(b[~on], a, rtol=1e-5, atol=1e-6)
+    norm = b[:, :, train.METRICS.index("weight_norm")]
+    np.testing.assert_allclose(norm[on], norm[on][:, :1].repeat(norm.shape[1], 1), rtol=1e-5)
+    assert np.abs(norm[~on] - norm[~on][:, :1]).max() > 1e-2 * norm[~on][:, 0].min()

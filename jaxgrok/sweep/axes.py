@@ -76,6 +76,9 @@ TABLE = (
     # ⊥Grad (Prieto et al. 2025): 1 removes from each parameter tensor's gradient its component along
     # the weights, keeping its norm; 0 leaves it alone.
     Axis("orthograd", False, 0.0, (lambda v: v in (0, 1), "must be 0 or 1"), rank=-1, column=11, later=True),
+    # Omnigrok's constrained runs (Liu et al. 2023): 1 rescales the weights after every step to the
+    # global L2 norm they started with (init_scale included); 0 leaves them alone.
+    Axis("constrain_norm", False, 0.0, (lambda v: v in (0, 1), "must be 0 or 1"), rank=-2, column=12, later=True),
 )
 BY_NAME = {a.name: a for a in TABLE}
 AXES = tuple(a.name for a in sorted(TABLE, key=lambda a: a.rank))  # the order runs are enumerated in

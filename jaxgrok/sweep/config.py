@@ -99,6 +99,7 @@ class Static:
     n_train_max: int  # largest training set in the sweep: the static length of the train gather
     grokfast: bool = False  # some run filters its gradients (grokfast_lambda > 0)
     orthograd: bool = False  # some run projects its gradients (orthograd = 1)
+    constrain_norm: bool = False  # some run holds its weight norm (constrain_norm = 1)
 
     @property
     def loss(self) -> str:

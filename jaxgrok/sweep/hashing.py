@@ -6,13 +6,14 @@ them), so the rules that keep an older run's hash as the package grew are all he
 
 - How the steps are cut into chunks and the runs into batches is left out: it changes no result.
 - [grokking] is left out (it only reads the curves), except its threshold where runs retire on it.
-- A [train] key added later (LATER_TRAIN) is left out at its default; so is a [measures] key of a measure
+- A [task], [model] or [train] key added later (LATER_TASK, LATER_MODEL, LATER_TRAIN) is left out at
+  its default; so is a [measures] key of a measure
   added later (`later` in jaxgrok/measures).
 - An axis added later (`later` in axes.py) is left out at its default.
 - An axis that follows another (batch_seed, the model seed's minibatch order) is left out where equal to it.
 - A registered class's module and name are in (registry.origins); jaxgrok's own classes add nothing.
-- A full batch padded past its run's own pairs, and a program with a Grokfast filter or ⊥Grad in it,
-  are in (they round differently), and nothing is added where none is the case.
+- A full batch padded past its run's own pairs, and a program with a Grokfast filter, ⊥Grad or the
+  constrained norm in it, are in (they round differently), and nothing is added where none is the case.
 """
 
 from __future__ import annotations
@@ -27,15 +28,21 @@ from jaxgrok.sweep.axes import AXES, TABLE
 NOT_HASHED_TRAIN = ("chunk_steps", "max_runs_per_batch")
 # [train] keys added after the first results were written: left out of the hash at their default.
 LATER_TRAIN = {"precision": "float32", "stop_after_grokking": 0, "grokfast_filter": "ema", "grokfast_window": 100}
+LATER_TASK = {"y_nonzero": False}
+LATER_MODEL = {"layer_norm_at": "post", "init": "nanda", "attention_bias": False, "operator_token": False}
+
+
+def _without_later(table: dict, later: dict) -> dict:
+    return {k: v for k, v in table.items() if later.get(k, object()) != v}
 
 
 def static_part(resolved: dict, task, model) -> str:
     """The part of every run's hash that the sweep's static config gives, as canonical JSON."""
-    train = {k: v for k, v in resolved["train"].items() if k not in NOT_HASHED_TRAIN
-             and LATER_TRAIN.get(k, object()) != v}
+    train = _without_later({k: v for k, v in resolved["train"].items() if k not in NOT_HASHED_TRAIN}, LATER_TRAIN)
     # The measures are in: a run's recorded columns depend on them (its training does not).
     measured = {k: v for k, v in resolved["measures"].items() if measures.LATER_KEYS.get(k, object()) != v}
-    static = {"task": resolved["task"], "model": resolved["model"], "train": train, "measures": measured}
+    static = {"task": _without_later(resolved["task"], LATER_TASK), "model": _without_later(resolved["model"], LATER_MODEL),
+              "train": train, "measures": measured}
     # A retired run's curves end where its accuracy stayed at the threshold long enough: the threshold
     # decides what is recorded (otherwise [grokking] only reads the curves).
     if train.get("stop_after_grokking"):
@@ -46,7 +53,8 @@ def static_part(resolved: dict, task, model) -> str:
     return json.dumps(static, sort_keys=True)
 
 
-def run_part(values: dict, padded_to: int | None, grokfast_program: bool, orthograd_program: bool = False) -> str:
+def run_part(values: dict, padded_to: int | None, grokfast_program: bool, orthograd_program: bool = False,
+             constrain_program: bool = False) -> str:
     """The part of one run's hash that its axis values give (name -> Python scalar), as canonical JSON."""
     hp = dict(values)
     for axis in TABLE:
@@ -65,6 +73,8 @@ def run_part(values: dict, padded_to: int | None, grokfast_program: bool, orthog
         hp["grokfast_program"] = True
     if orthograd_program:
         hp["orthograd_program"] = True
+    if constrain_program:
+        hp["constrain_norm_program"] = True
     return json.dumps(hp, sort_keys=True)
 
 
@@ -76,6 +86,7 @@ def run_hashes(sweep) -> list[str]:
     for i in range(sweep.n_runs):
         values = {a: sweep.runs[a][i].item() for a in AXES}
         padded = n_max if full_batch and sweep.n_train[i] < n_max else None
-        blob = static + run_part(values, padded, sweep.static.grokfast, sweep.static.orthograd)
+        blob = static + run_part(values, padded, sweep.static.grokfast, sweep.static.orthograd,
+                                  sweep.static.constrain_norm)
         out.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
     return out

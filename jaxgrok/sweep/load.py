@@ -53,7 +53,8 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
         raise SweepError(f"{where}: train.batch_size: larger than the smallest training set ({sizes.min()} pairs)")
 
     static = Static(task, model, train, grokking, measures, n_train_min=int(sizes.min()), n_train_max=int(sizes.max()),
-                    grokfast=bool((runs["grokfast_lambda"] > 0).any()), orthograd=bool((runs["orthograd"] > 0).any()))
+                    grokfast=bool((runs["grokfast_lambda"] > 0).any()), orthograd=bool((runs["orthograd"] > 0).any()),
+                    constrain_norm=bool((runs["constrain_norm"] > 0).any()))
     resolved = {
         "name": raw.get("name", default_name),
         "paper": raw["paper"],
