@@ -89,7 +89,7 @@ def cmd_analyze(args) -> int:
     """`jaxgrok analyze DIR [--x --y]`: statistics, figures and report.html for a results directory."""
     from jaxgrok import pipeline
 
-    return pipeline.analyze_dir(args.results_dir, args.x, args.y)
+    return pipeline.analyze_dir(args.results_dir, args.x, args.y, args.final_keys)
 
 
 def cmd_compare(args) -> int:
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("results_dir", help="a directory holding runs.parquet (and curves.parquet)")
     ana.add_argument("--x", help="phase-diagram x axis (a swept axis, e.g. weight_decay)")
     ana.add_argument("--y", help="phase-diagram y axis (e.g. learning_rate)")
+    ana.add_argument("--final-keys", action="store_true",
+                     help="Nanda's restricted and excluded losses with each run's final key frequencies at every "
+                          "evaluation: retrains the runs (as long as the sweep took)")
     ana.set_defaults(func=cmd_analyze)
 
     cmp = sub.add_parser("compare", help="two results directories' grokking times: medians and the log-rank test")

@@ -622,27 +622,49 @@ def _result(ctx: _Context, tally: _Tally, compile_s: float, compiled: _Compiled)
                        trained_steps=tally.trained)
 
 
-@_in_precision
-def params_at(sweep: Sweep, run: int, steps) -> dict[int, dict]:
-    """{step: parameters} of one run of a sweep after each of `steps` (0 or multiples of
-    eval_every), retrained alone on one device with the measures off (they do not touch training):
-    on CPU bit for bit the run the sweep trained. For figures of how an embedding forms."""
+def _replay_program(sweep: Sweep, runs: np.ndarray):
+    """A program of one evaluation interval per chunk with the measures off (they do not touch
+    training), on one device, and the Hparams of `runs`: on CPU it trains them bit for bit as the
+    sweep did."""
     cfg = sweep.static.train
     off = {f.name: False for f in dataclasses.fields(sweep.static.measures) if f.type in (bool, "bool")}
     static = dataclasses.replace(sweep.static, train=dataclasses.replace(cfg, chunk_steps=cfg.eval_every),
                                  measures=dataclasses.replace(sweep.static.measures, **off))
     program = train.make_program(static, jax.devices()[:1])
-    hp = jax.device_put(train.hparams_for(sweep, np.array([run])), program.sharding)
+    return program, jax.device_put(train.hparams_for(sweep, np.asarray(runs)), program.sharding)
+
+
+@_in_precision
+def params_at(sweep: Sweep, run: int, steps) -> dict[int, dict]:
+    """{step: parameters} of one run of a sweep after each of `steps` (0 or multiples of
+    eval_every), retrained alone: on CPU bit for bit the run the sweep trained. For figures of how
+    an embedding forms."""
+    program, hp = _replay_program(sweep, np.array([run]))
     state = program.init(hp)
     wanted, out = sorted(set(int(s) for s in steps)), {}
     take = lambda: jax.tree.map(lambda x: np.asarray(x)[0], state.params)  # noqa: E731
     if 0 in wanted:
         out[0] = take()
-    for c in range(max(wanted) // cfg.eval_every):
+    for c in range(max(wanted) // sweep.static.train.eval_every):
         state, _ = program.chunk(state, hp, train.first_evals(1, c))
-        if (c + 1) * cfg.eval_every in wanted:
-            out[(c + 1) * cfg.eval_every] = take()
+        if (c + 1) * sweep.static.train.eval_every in wanted:
+            out[(c + 1) * sweep.static.train.eval_every] = take()
     return out
+
+
+@_in_precision
+def replay(sweep: Sweep, runs: np.ndarray, measure: Callable) -> tuple[np.ndarray, np.ndarray]:
+    """Retrain `runs` of a sweep together and read `measure(state) -> float32[runs, M]` (a jitted
+    function of the batched RunState) after every evaluation interval: (values [runs, evals, M],
+    the metrics the replay recorded [runs, evals, len(METRICS)], to hold against the sweep's curves).
+    On CPU the replay is the runs the sweep trained, bit for bit."""
+    program, hp = _replay_program(sweep, runs)
+    state, values, metrics = program.init(hp), [], []
+    for c in range(sweep.static.train.steps // sweep.static.train.eval_every):
+        state, m = program.chunk(state, hp, train.first_evals(len(runs), c))
+        values.append(np.asarray(measure(state)))
+        metrics.append(np.asarray(m)[:, 0])
+    return np.stack(values, 1), np.stack(metrics, 1)
 
 
 @_in_precision

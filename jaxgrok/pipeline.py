@@ -146,18 +146,29 @@ def _announce(sweep, out: Path, index, n_done: int, shard: tuple[int, int], n_pr
         print(f"resuming in {out}: {n_done} of {len(index)} runs already done", flush=True)
 
 
-def analyze_dir(results_dir, x: str | None = None, y: str | None = None) -> int:
+def analyze_dir(results_dir, x: str | None = None, y: str | None = None, final_keys: bool = False) -> int:
     """Statistics, figures and report.html for a results directory (`x`, `y`: the phase diagram's
-    axes); says where the report is. A failed write is an AnalysisError of one line."""
+    axes; `final_keys`: Nanda's losses by a second pass); says where the report is. A failed write is
+    an AnalysisError of one line."""
     from jaxgrok.analysis import AnalysisError, analyze, write
 
     try:
-        written = write(analyze(results_dir, x, y), results_dir)
+        analysis = analyze(results_dir, x, y, final_keys)
+        written = write(analysis, results_dir)
     except OSError as e:  # reading problems are ResultsErrors: this is a write
         raise AnalysisError(f"{e.filename or results_dir}: {e.strerror or e}; the analysis writes stats.parquet, "
                             "figures/ and report.html into the results directory") from None
+    if analysis.nanda:
+        print("with each run's final key frequencies (final_key_losses.parquet"
+              + ("" if analysis.nanda_exact else "; the second pass did NOT reproduce the runs bit for bit: these are a rerun's") + "):")
+        for r in analysis.nanda:
+            print(f"  {r['signature']}: {r['runs']} of {r['of']} runs, median {_or_dash(r['median'])}")
     print(f"analysis: {written['report']} (stats.parquet, figures/)")
     return 0
+
+
+def _or_dash(v) -> str:
+    return "—" if v is None else f"{v:,.3g}"
 
 
 class Display:

@@ -166,13 +166,23 @@ def test_minibatch_runs_and_the_llc_are_chunking_independent(tiny_sweep):
 
 def test_measures_on_the_transformer_and_gromov(tiny_sweep):
     for model in ({"kind": "transformer", "d_model": 16, "n_heads": 2, "d_mlp": 32}, {"kind": "gromov", "d_hidden": 32}):
-        sweep = tiny_sweep(model=model, task={"op": "x-y", "p": 13}, train={"steps": 100, "eval_every": 50},
-                           measures={"llc": True, "llc_draws": 3, "numerics": True, "curvature": True, "flatness": True},
+        # Every measure on, each at its smallest: the test is that each applies to these models, not its value.
+        sweep = tiny_sweep(model=model, task={"op": "x-y", "p": 13}, train={"steps": 50, "eval_every": 50, "chunk_steps": 50},
+                           measures={"llc": True, "llc_draws": 3, "llc_chains": 2, "numerics": True, "curvature": True,
+                                     "curvature_iters": 3, "curvature_probes": 2, "flatness": True},
                            sweep={"seed": [0, 1], "weight_decay": 1.0, "learning_rate": 3e-3, "train_fraction": 0.5})
         r = engine.train_sweep(sweep)
         for name in COLUMNS:
             assert np.isfinite(r.curves[name][:, 0]).all(), (model["kind"], name)
         assert r.energies.shape == (2, 6)
+
+
+def test_one_llc_chain_has_no_spread(tiny_sweep):
+    """llc_chains = 1 compiles (its llc_std, NaN for every run alike, once failed to trace under
+    shard_map: the branches of its cadence disagreed on varying over runs) and has no spread."""
+    r = engine.train_sweep(tiny_sweep(train={"steps": 50, "eval_every": 50, "chunk_steps": 50},
+                                      measures={"llc": True, "llc_chains": 1, "llc_draws": 3}))
+    assert np.isfinite(r.curves["llc"]).all() and np.isnan(r.curves["llc_std"]).all()
 
 
 def test_measures_that_do_not_apply_are_null_or_refused(tiny_sweep):

@@ -46,6 +46,10 @@ class Analysis:
     numerics: dict | None  # curvature.median_curves of the softmax numerics per cell; None where not measured
     notes: tuple[str, ...]  # sentences for the report
     tables: dict[str, pa.Table]  # name -> the table written as name.parquet, in the order written
+    # nanda.signatures rows with the final key frequencies (analyze --final-keys), and whether the
+    # second pass reproduced the runs bit for bit; empty and None without it
+    nanda: tuple[dict, ...] = ()
+    nanda_exact: bool | None = None
 
 
 def _read_curves(results_dir: Path, cols: dict, resolved: dict) -> pa.Table | None:
@@ -108,10 +112,12 @@ def _not_reached(cols: dict, rows: list[dict], keys: list[str]) -> list[str]:
             f"censored at {budget})." for r in rows if r["t_val_median"] is None]
 
 
-def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None) -> Analysis:
+def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None, final_keys: bool = False) -> Analysis:
     """Read DIR/runs.parquet (and curves.parquet) and compute every statistic, table and snapshot
-    `jaxgrok analyze DIR [--x X --y Y]` reports; nothing is written. Raises AnalysisError (one line)
-    for input that cannot be analysed, results.ResultsError for a file that is not jaxgrok's."""
+    `jaxgrok analyze DIR [--x X --y Y] [--final-keys]` reports; nothing is written. `final_keys`:
+    retrain the runs for Nanda's restricted and excluded losses (analysis/nanda.py). Raises
+    AnalysisError (one line) for input that cannot be analysed, results.ResultsError for a file that
+    is not jaxgrok's."""
     results_dir = Path(results_dir)
     cols, resolved = cells.load_runs(results_dir)
     curves = _read_curves(results_dir, cols, resolved)  # read and checked before anything is computed
@@ -143,6 +149,9 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
     if curvature.applies(curves):
         sharp = curvature.flat_or_sharp(cols, curves, keys, resolved["train"]["eval_every"])
         tables["curvature"] = curvature.flat_or_sharp_table(sharp, keys, resolved)
+    said, exact = (), None
+    if final_keys:
+        said, exact, tables["final_key_losses"] = _final_key_losses(results_dir, cols, curves, resolved)
     plot_axes = [a for a in (x, y) if a] or keys[:2]
     plot_cells = rows if plot_axes == keys else cells.cell_stats(cols, plot_axes) if plot_axes else []  # others pooled
     rhos = [s["estimate"] for s in sens_rows if s["measure"] == "rank_correlation_t_val"]
@@ -150,7 +159,40 @@ def analyze(results_dir: str | Path, x: str | None = None, y: str | None = None)
         runs=cols, sweep=resolved, curves=curves, swept=swept, keys=keys, cells=rows, plot_axes=plot_axes,
         plot_cells=plot_cells, sensitivity=sens_rows, rank_correlation=(np.median(rhos), len(rhos)) if rhos else None,
         speedup=speedup, warning=warn, flat_or_sharp=sharp, curvature_said=tuple(curvature.sentences(sharp, keys)),
-        numerics=curvature.median_curves(cols, curves, keys), notes=tuple(notes + _not_reached(cols, rows, keys)), tables=tables)
+        numerics=curvature.median_curves(cols, curves, keys), notes=tuple(notes + _not_reached(cols, rows, keys)), tables=tables,
+        nanda=said, nanda_exact=exact)
+
+
+def _final_key_losses(results_dir: Path, cols: dict, curves: pa.Table | None, resolved: dict):
+    """(signature rows, replayed bit for bit, final_key_losses table): the second pass of nanda.py."""
+    from jaxgrok.analysis import nanda
+    from jaxgrok.sweep import sweep_from_dict
+    from jaxgrok.tasks import SUM_OPS
+
+    where = f"{results_dir}: --final-keys"
+    if resolved["task"].get("op") not in SUM_OPS:
+        raise AnalysisError(f"{where}: the restricted and excluded losses are defined for x+y and x-y, not {resolved['task'].get('op')}")
+    if curves is None or not resolved["measures"].get("fourier"):
+        raise AnalysisError(f"{where}: needs curves.parquet and the runs' key frequencies ([measures] fourier = true)")
+    cfg = resolved["train"]
+    n_evals = cfg["steps"] // cfg["eval_every"]
+    ends = results.evaluations(cols["stopped_at"], cfg["steps"], cfg["eval_every"])
+    steps = np.arange(1, n_evals + 1) * cfg["eval_every"]
+    runs = np.asarray(cols["run_id"], np.int64)
+    values, metrics = nanda.losses(sweep_from_dict(resolved, "<metadata>"), runs, [[] if f is None else [int(k) for k in f] for f in cols["key_freqs"]])
+    named = {m: results.dense(curves.column(m).to_numpy(zero_copy_only=False), ends, n_evals)
+             for m in ("train_loss", "val_loss", "weight_norm")}
+    replayed = np.where(np.arange(n_evals) < ends[:, None], metrics[..., _metric("train_loss")], np.nan)
+    exact = bool(np.array_equal(replayed.astype(np.float32), named["train_loss"].astype(np.float32), equal_nan=True))
+    table = nanda.table(runs, steps, values, ends, resolved, exact)
+    return tuple(nanda.signatures(cols, named, steps, values, ends)), exact, table
+
+
+def _metric(name: str) -> int:
+    """The index of a metric in a chunk's rows (train.METRICS), without importing jax."""
+    from jaxgrok import measures
+
+    return measures.METRICS.index(name)
 
 
 def write(analysis: Analysis, results_dir: str | Path) -> dict[str, Path]:

@@ -299,7 +299,10 @@ def _at_cadence(measure: Measure, every: int, x: Eval, c: Context):
     nan = tuple(jnp.full_like(x.train_loss, jnp.nan) for _ in measure.columns)
     own = due(x.eval_index, every)
     if x.gates is None:
-        return jax.lax.cond(own, lambda: tuple(measure.compute(x, c)), lambda: nan)
+        # Through where, a value that is the same for every run (llc_std of one chain) varies over
+        # runs as the NaN does: inside shard_map the branches must agree on that too.
+        return jax.lax.cond(own, lambda: tuple(jnp.where(own, v, n) for v, n in zip(measure.compute(x, c), nan, strict=True)),
+                            lambda: nan)
     values = jax.lax.cond(x.gates[every], lambda: tuple(measure.compute(x, c)), lambda: nan)
     return tuple(jnp.where(own, v, n) for v, n in zip(values, nan, strict=True))
 

@@ -63,7 +63,7 @@ def spectrum_measures(energy: jax.Array, share: float) -> tuple[jax.Array, jax.A
     return gini(jnp.sqrt(energy)), n_key(energy, share).astype(jnp.float32), energy.max() / energy.sum()
 
 
-def restricted_losses(logits, targets, is_train, key_idx, fourier, loss):
+def restricted_losses(logits, targets, is_train, key_idx, fourier, loss, key_on=None):
     """Nanda et al. 2023's restricted and excluded losses, for tasks whose answer is the residue
     s = a ± b and whose table holds all p² pairs (each residue p times).
 
@@ -71,9 +71,11 @@ def restricted_losses(logits, targets, is_train, key_idx, fourier, loss):
     logits are projected onto them (an orthonormal set over the table). Restricted: that projection
     plus each class's mean logit, loss over all pairs. Excluded: the logits with the projection
     removed, loss over the training pairs. `key_idx`: int[k] rows of `fourier`; `loss(logits,
-    targets) -> per-example loss`. Returns (restricted_loss, excluded_loss)."""
+    targets) -> per-example loss`; `key_on`: bool[k], which of them count (a run's own number of key
+    frequencies, padded), all where None. Returns (restricted_loss, excluded_loss)."""
     p = fourier.shape[-1]
-    directions = fourier[key_idx].reshape(-1, p)[:, targets] / jnp.sqrt(p)  # [2k, N]
+    rows = fourier[key_idx] if key_on is None else fourier[key_idx] * key_on[:, None, None]
+    directions = rows.reshape(-1, p)[:, targets] / jnp.sqrt(p)  # [2k, N]
     proj = directions.T @ (directions @ logits)  # precision: default, as in the model's own matmuls
     restricted = loss(proj + logits.mean(0), targets).mean()
     tr = is_train.astype(jnp.float32)

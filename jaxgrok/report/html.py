@@ -159,6 +159,21 @@ _GROKFAST_COLS = ("grokfast_lambda", "grokfast_alpha", "baseline_weight_decay", 
                   "speedup_at_most", "speedup_lo", "speedup_hi")
 
 
+def _nanda_html(rows, exact) -> str:
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td style='text-align:left'>{html.escape(r['signature'])}</td><td>{r['runs']} of {r['of']}</td>"
+                   f"<td>{_or_dash(r['median'], ',.3g')}</td></tr>" for r in rows)
+    warn = "" if exact else (" <b>The second pass did not reproduce the runs bit for bit</b> (another machine or "
+                             "device): these are the losses of a rerun.")
+    return ("<h2>Nanda et al.'s signatures, with each run's final key frequencies</h2><p>The restricted and "
+            "excluded losses as the paper defines them: at every evaluation, with the key frequencies the run ends "
+            "with (runs.parquet key_freqs), by retraining the runs (jaxgrok analyze --final-keys; "
+            "final_key_losses.parquet). The curves' restricted_loss and excluded_loss use each evaluation's own "
+            f"strongest frequencies instead. Counted over the runs that grokked.{warn}</p>"
+            f"<table><tr><th>signature</th><th>runs</th><th>median</th></tr>{body}</table>")
+
+
 def _or_dash(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
@@ -223,6 +238,7 @@ Runs that did not grok are right-censored at the budget (Kaplan–Meier); a medi
 <p>{f"A fast seed stays fast? Spearman ρ of t_val between cells sharing seeds: median {rho[0]:.2f} over {rho[1]} pairs of cells." if rho else ""}</p>
 {_perturbation_html(a.sensitivity)}
 {_grokfast_html(a.speedup)}
+{_nanda_html(a.nanda, a.nanda_exact)}
 {_warning_html(a.warning, a.keys)}
 {_curvature_html(a.flat_or_sharp, a.curvature_said, a.keys)}
 <h2>Notes</h2><ul>{"".join(f"<li>{html.escape(n)}</li>" for n in a.notes) or "<li>none</li>"}</ul>
