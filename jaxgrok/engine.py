@@ -624,14 +624,17 @@ def _result(ctx: _Context, tally: _Tally, compile_s: float, compiled: _Compiled)
 
 def _replay_program(sweep: Sweep, runs: np.ndarray):
     """A program of one evaluation interval per chunk with the measures off (they do not touch
-    training), on one device, and the Hparams of `runs`: on CPU it trains them bit for bit as the
-    sweep did."""
+    training), over every device as the sweep's own, and the Hparams of `runs`, the last repeated to
+    fill the devices: on CPU it trains them bit for bit as the sweep did. (On one device of a
+    two-core machine XLA rounds the transformer's first step differently: measured.)"""
     cfg = sweep.static.train
     off = {f.name: False for f in dataclasses.fields(sweep.static.measures) if f.type in (bool, "bool")}
     static = dataclasses.replace(sweep.static, train=dataclasses.replace(cfg, chunk_steps=cfg.eval_every),
                                  measures=dataclasses.replace(sweep.static.measures, **off))
-    program = train.make_program(static, jax.devices()[:1])
-    return program, jax.device_put(train.hparams_for(sweep, np.asarray(runs)), program.sharding)
+    program = train.make_program(static)
+    n = program.sharding.mesh.size
+    padded = np.concatenate([runs, np.repeat(runs[-1:], -len(runs) % n)])
+    return program, jax.device_put(train.hparams_for(sweep, padded), program.sharding)
 
 
 @_in_precision
@@ -640,13 +643,13 @@ def params_at(sweep: Sweep, run: int, steps) -> dict[int, dict]:
     eval_every), retrained alone: on CPU bit for bit the run the sweep trained. For figures of how
     an embedding forms."""
     program, hp = _replay_program(sweep, np.array([run]))
-    state = program.init(hp)
+    state, n = program.init(hp), hp.seed.shape[0]
     wanted, out = sorted(set(int(s) for s in steps)), {}
     take = lambda: jax.tree.map(lambda x: np.asarray(x)[0], state.params)  # noqa: E731
     if 0 in wanted:
         out[0] = take()
     for c in range(max(wanted) // sweep.static.train.eval_every):
-        state, _ = program.chunk(state, hp, train.first_evals(1, c))
+        state, _ = program.chunk(state, hp, train.first_evals(n, c))
         if (c + 1) * sweep.static.train.eval_every in wanted:
             out[(c + 1) * sweep.static.train.eval_every] = take()
     return out
@@ -659,11 +662,11 @@ def replay(sweep: Sweep, runs: np.ndarray, measure: Callable) -> tuple[np.ndarra
     the metrics the replay recorded [runs, evals, len(METRICS)], to hold against the sweep's curves).
     On CPU the replay is the runs the sweep trained, bit for bit."""
     program, hp = _replay_program(sweep, runs)
-    state, values, metrics = program.init(hp), [], []
+    state, values, metrics, n = program.init(hp), [], [], len(runs)
     for c in range(sweep.static.train.steps // sweep.static.train.eval_every):
-        state, m = program.chunk(state, hp, train.first_evals(len(runs), c))
-        values.append(np.asarray(measure(state)))
-        metrics.append(np.asarray(m)[:, 0])
+        state, m = program.chunk(state, hp, train.first_evals(hp.seed.shape[0], c))
+        values.append(np.asarray(measure(jax.tree.map(lambda x: x[:n], state))))  # the padding left out
+        metrics.append(np.asarray(m)[:n, 0])
     return np.stack(values, 1), np.stack(metrics, 1)
 
 
