@@ -65,14 +65,12 @@ def losses(sweep, runs: np.ndarray, key_freqs: list[list[int]], batch: int = 64)
 def table(runs: np.ndarray, steps: np.ndarray, values: np.ndarray, ends: np.ndarray, resolved: dict,
           exact: bool) -> pa.Table:
     """final_key_losses.parquet: a row per run and evaluation up to its end (its stopped_at)."""
-    rows = [(r, e) for i, r in enumerate(runs) for e in range(ends[i])]
-    pick = np.array([[i, e] for i, r in enumerate(runs) for e in range(ends[i])], int).reshape(-1, 2)
+    run, e = np.nonzero(np.arange(values.shape[1]) < np.asarray(ends)[:, None])  # by run, then step
     meta = results.metadata("final_key_losses", resolved) | {b"jaxgrok.replayed_exactly": str(exact).encode()}
     schema = pa.schema([("run_id", pa.int32()), ("step", pa.int64())]
                        + [(c, pa.float32()) for c in COLUMNS]).with_metadata(meta)
-    return pa.table({"run_id": pa.array([r for r, _ in rows], pa.int32()),
-                     "step": pa.array(steps[pick[:, 1]], pa.int64()),
-                     **{c: pa.array(values[pick[:, 0], pick[:, 1], j], pa.float32()) for j, c in enumerate(COLUMNS)}},
+    return pa.table({"run_id": pa.array(np.asarray(runs)[run], pa.int32()), "step": pa.array(steps[e], pa.int64()),
+                     **{c: pa.array(values[run, e, j], pa.float32()) for j, c in enumerate(COLUMNS)}},
                     schema=schema)
 
 
