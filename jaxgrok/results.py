@@ -26,7 +26,7 @@ from jaxgrok.sweep.axes import COLUMNS as AXIS_COLUMNS
 RUNS_SCHEMA = pa.schema([
     ("run_id", pa.int32()),
     ("run_hash", pa.string()),
-    *((a.name, pa.int64() if a.seed else pa.float64()) for a in AXIS_COLUMNS),  # one per axis (sweep/axes.py)
+    *((a.name, pa.int64() if a.is_int else pa.float64()) for a in AXIS_COLUMNS),  # one per axis (sweep/axes.py)
     ("n_train", pa.int32()),
     ("steps", pa.int64()),
     # Where a retired run's curves end ([train] stop_after_grokking: it stayed grokked long enough,
@@ -99,17 +99,22 @@ def _nullable(x: np.ndarray, typ) -> pa.Array:
 
 def upgrade_runs(table: pa.Table) -> pa.Table:
     """A runs table written before the later axes existed, with them at the values its runs had:
-    their defaults, the minibatch order of the model seed, float32. Such runs keep their run hash."""
+    their defaults (the [train] key of its metadata for an axis that is one), the minibatch order of
+    the model seed, float32. Such runs keep their run hash."""
     from jaxgrok.sweep import LATER_AXES, LATER_TRAIN
+    from jaxgrok.sweep.axes import BY_NAME
 
     n = table.num_rows
+    meta = table.schema.metadata or {}
+    train = json.loads(meta[b"jaxgrok.sweep"]).get("train", {}) if b"jaxgrok.sweep" in meta else {}
     if "precision" not in table.column_names:
         table = table.append_column("precision", pa.array([LATER_TRAIN["precision"]] * n, pa.string()))
     if "batch_seed" not in table.column_names:
         table = table.append_column("batch_seed", table.column("seed"))
     for axis, default in LATER_AXES.items():
         if axis not in table.column_names:
-            table = table.append_column(axis, pa.array(np.full(n, default), RUNS_SCHEMA.field(axis).type))
+            value = train.get(axis, default) if BY_NAME[axis].train_key else default
+            table = table.append_column(axis, pa.array(np.full(n, value), RUNS_SCHEMA.field(axis).type))
     for name in LATER_RUNS_COLUMNS:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(n, RUNS_SCHEMA.field(name).type))

@@ -314,17 +314,22 @@ def full_batch_loss(s: Setup, params, order, n_train):
     return (weight * _loss(s, s.model.apply(params, s.inputs[idx]), s.targets[idx])).sum() / weight.sum()
 
 
-def minibatch_loss(s: Setup, params, order, n_train, key, size: int, at_most_n_train: bool = False):
+def minibatch_loss(s: Setup, params, order, n_train, key, size: int, at_most_n_train: bool = False,
+                   run_size=None):
     """The mean loss over `size` distinct training pairs drawn with `key`; with
     `at_most_n_train`, over all of them where the run has fewer than `size` (the draws past its
-    training set weigh 0)."""
+    training set weigh 0); with `run_size` (a swept batch size), over the first `run_size` draws,
+    which are the pairs a draw of `run_size` alone picks (top_k sorts)."""
     n_max = s.static.n_train_max
     noise = jax.random.uniform(key, (n_max,)) + (jnp.arange(n_max) >= n_train).astype(jnp.float32)
     picked, idx = jax.lax.top_k(-noise, size)
     loss = _loss(s, s.model.apply(params, s.inputs[order[idx]]), s.targets[order[idx]])
-    if not at_most_n_train:
+    if run_size is not None:
+        weight = (jnp.arange(size) < run_size).astype(jnp.float32)
+    elif at_most_n_train:
+        weight = (picked > -1).astype(jnp.float32)  # a padded pair's noise is ≥ 1
+    else:
         return loss.mean()
-    weight = (picked > -1).astype(jnp.float32)  # a padded pair's noise is ≥ 1
     return (weight * loss).sum() / weight.sum()
 
 
@@ -333,8 +338,9 @@ def train_step(s: Setup, state: RunState, hp: Hparams) -> RunState:
     cfg = s.static.train
     key, sub = jax.random.split(state.key) if cfg.batch_size else (state.key, None)
     if cfg.batch_size:
-        loss, grads = jax.value_and_grad(partial(minibatch_loss, s))(state.params, state.order, hp.n_train, sub,
-                                                                     cfg.batch_size)
+        run_size = hp.batch_size if s.static.batch_varies else None  # cfg.batch_size: the sweep's largest
+        loss, grads = jax.value_and_grad(partial(minibatch_loss, s, run_size=run_size))(
+            state.params, state.order, hp.n_train, sub, cfg.batch_size)
     else:
         loss, grads = jax.value_and_grad(partial(full_batch_loss, s))(state.params, state.order, hp.n_train)
     updates, opt_state = _optimizer(s, hp).update(grads, state.opt_state, state.params)

@@ -1,5 +1,6 @@
 """[train] precision: in the run hash and the results, and what each choice compiles to."""
 
+import json
 import re
 
 import jax
@@ -73,6 +74,11 @@ def test_an_old_runs_table_reads_as_float32():
     upgraded = results.upgrade_runs(pa.table(row))
     assert upgraded.column_names == results.RUNS_SCHEMA.names
     assert upgraded.column("precision").to_pylist() == ["float32"]
+    # An axis that is also a [train] key takes that key's value from the table's own sweep.
+    del row["batch_size"]
+    table = pa.table(row).replace_schema_metadata({b"jaxgrok.sweep": json.dumps({"train": {"batch_size": 128}})})
+    assert results.upgrade_runs(table).column("batch_size").to_pylist() == [128]
+    assert results.upgrade_runs(pa.table(row)).column("batch_size").to_pylist() == [0]
 
 
 def test_float64_trains_in_float64_inside_its_own_scope(tiny_sweep):

@@ -212,3 +212,41 @@ def test_constrained_norm_as_an_axis(tiny_sweep):
     norm = b[:, :, train.METRICS.index("weight_norm")]
     np.testing.assert_allclose(norm[on], norm[on][:, :1].repeat(norm.shape[1], 1), rtol=1e-5)
     assert np.abs(norm[~on] - norm[~on][:, :1]).max() > 1e-2 * norm[~on][:, 0].min()
+
+
+def test_batch_size_as_an_axis(tiny_sweep):
+    """A swept minibatch size inside one program: a run at the sweep's largest size is the run of that
+    fixed [train] batch_size (same hash, same curves); a smaller one is drawn at the largest and
+    weighed at its own, the same run whatever the other sizes beside it (same hash, same curves), and
+    close to, not bit for bit, the run alone (its hash says so); the sizes train differently."""
+    cfg = dict(seed=[0, 1], train_={"steps": 40, "eval_every": 10})
+    swept = _sweep(tiny_sweep, batch_size=[32, 128], **cfg)
+    wider = _sweep(tiny_sweep, batch_size=[32, 64, 128], **cfg)
+    alone = {b: _sweep(tiny_sweep, train_={**cfg["train_"], "batch_size": b}, seed=[0, 1]) for b in (32, 128)}
+    assert swept.static.batch_varies and swept.static.train.batch_size == 128
+    assert swept.resolved["train"]["batch_size"] == 0  # the file as given
+    b = swept.runs["batch_size"]
+    assert b.dtype == np.int64 and b.tolist() == [32, 32, 128, 128]
+    assert swept.run_hashes[2:] == alone[128].run_hashes
+    assert swept.run_hashes[:2] == wider.run_hashes[:2] and not set(swept.run_hashes[:2]) & set(alone[32].run_hashes)
+    assert _sweep(tiny_sweep, batch_size=64, **cfg).run_hashes == _sweep(
+        tiny_sweep, train_={**cfg["train_"], "batch_size": 64}, seed=[0, 1]).run_hashes
+    c = {k: _curves(engine.train_sweep(s, devices=ONE)) for k, s in
+         {"swept": swept, "wider": wider, 32: alone[32], 128: alone[128]}.items()}
+    np.testing.assert_array_equal(c["swept"][2:], c[128])
+    np.testing.assert_array_equal(c["swept"][:2], c["wider"][:2])
+    loss = train.METRICS.index("train_loss")
+    np.testing.assert_allclose(c["swept"][:2, :, loss], c[32][:, :, loss], rtol=1e-3)
+    assert np.abs(c["swept"][:2, :, loss] - c["swept"][2:, :, loss]).max() > 1e-3
+
+
+@pytest.mark.parametrize("sweep_, train_, message", [
+    ({"batch_size": [32, 64]}, {"batch_size": 32}, "sweep.batch_size: give the batch size in .train. or in .sweep., not both"),
+    ({"batch_size": [0, 64]}, {}, "sweep.batch_size: 0 .the full batch. cannot be swept with minibatch sizes"),
+    ({"batch_size": [32, 500]}, {}, "sweep.batch_size: 500 is larger than a run's training set .480 pairs."),
+    ({"batch_size": [32, 64.5]}, {}, "sweep.batch_size: must be an integer"),
+    ({}, {"batch_size": 481}, "train.batch_size: 481 is larger than a run's training set .480 pairs."),
+])
+def test_a_batch_size_that_cannot_be_run_is_one_line(tiny_sweep, sweep_, train_, message):
+    with pytest.raises(SweepError, match=message):
+        _sweep(tiny_sweep, train_=train_, **sweep_)

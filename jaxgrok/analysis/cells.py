@@ -16,7 +16,7 @@ from scipy import stats
 
 from jaxgrok import results
 from jaxgrok.analysis import variance
-from jaxgrok.sweep import SEED_AXES, varying
+from jaxgrok.sweep import INT_AXES, SEED_AXES, varying
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -128,7 +128,7 @@ def cell_stats(cols: dict, keys: list[str]) -> list[dict]:
 
 def key_fields(keys: list[str]) -> list[pa.Field]:
     """Parquet fields of the swept values that name a cell."""
-    return [pa.field(k, pa.int64() if k in SEED_AXES else pa.float64()) for k in keys]
+    return [pa.field(k, pa.int64() if k in INT_AXES else pa.float64()) for k in keys]
 
 
 def stats_table(rows: list[dict], keys: list[str], resolved: dict) -> pa.Table:

@@ -68,7 +68,8 @@ def events(name: str, values: np.ndarray, steps: np.ndarray, t_train: np.ndarray
         after = steps[None, :] >= t_train[:, None]  # NaN t_train: never
         at_t_train = np.nanmax(np.where(steps[None, :] == t_train[:, None], values, np.nan), 1, initial=-np.inf)
         peak = np.nanmax(np.where(after & finite, values, -np.inf), 1)
-        level = at_t_train + 0.5 * (peak - at_t_train)
+        with np.errstate(invalid="ignore"):  # no value at or after t_train: -inf - -inf, not an event
+            level = at_t_train + 0.5 * (peak - at_t_train)
         ok = np.isfinite(level) & (peak > at_t_train)
         return np.where(ok, _first(after & (values >= level[:, None]), steps), np.nan)
     # Rule.HALF_WAY: half-way from the first finite value to the last, whichever way it goes.

@@ -257,8 +257,10 @@ def along_one_axis(rows: list[dict], x: str, budget: float, folder: Path) -> Pat
     b.errorbar(xs, frac, yerr=err, fmt="o-", color="0.2", capsize=3)
     b.set(xlabel=x, ylabel="fraction grokked", ylim=(-0.03, 1.03), title="fraction of runs grokked (exact 95% CI)")
     for ax in (a, b):
-        if log:
+        if log:  # ticks at the swept values: a log axis's own minor labels run together
             ax.set_xscale("log")
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
+            ax.xaxis.set_minor_formatter(NullFormatter())
     a.legend(handles=[plt.Line2D([], [], marker="o", ls="", color=PHASE_COLOURS[p]) for p in PHASES], labels=list(PHASES),
              fontsize=7, title="majority phase", title_fontsize=7)
     return save(fig, folder, "phase_diagram")

@@ -4,7 +4,7 @@ A sweep file has six tables. `[task]`, `[model]`, `[train]`, `[grokking]` and `[
 everything that decides the compiled program (shapes, depth, step budget); `[sweep]` lists the values of the axes
 that vary *inside* that one program: four seeds (initialization, data split, minibatch order, and the
 direction of an initialization perturbation), weight decay, learning rate, initialization scale and
-perturbation size, train fraction, and Grokfast's filter. The runs are the product of the axes; axes
+perturbation size, train fraction, Grokfast's filter, ⊥Grad, Omnigrok's held norm and the minibatch size. The runs are the product of the axes; axes
 named together in `zip` vary together instead.
 
 axes.py: the one table of axes; config.py: the configuration tables, Static and Sweep; toml.py:
@@ -16,6 +16,7 @@ from jaxgrok.sweep import axes
 from jaxgrok.sweep.axes import (
     AXES,
     AXIS_DEFAULTS,
+    INT_AXES,
     LATER_AXES,
     REQUIRED_AXES,
     SEED_AXES,
@@ -43,7 +44,7 @@ from jaxgrok.sweep.toml import apply_overrides, overrides_id, read_toml
 
 __all__ = [
     "AXES", "AXIS_DEFAULTS", "LATER_AXES", "LATER_TRAIN", "MAX_EVALUATIONS", "MAX_STEPS", "OPTIMIZERS", "PRECISIONS",
-    "REQUIRED_AXES", "SAFE_NAME", "SEED_AXES", "TABLE", "Axis", "axes", "GrokkingConfig", "MeasuresConfig", "Static", "Sweep",
+    "INT_AXES", "REQUIRED_AXES", "SAFE_NAME", "SEED_AXES", "TABLE", "Axis", "axes", "GrokkingConfig", "MeasuresConfig", "Static", "Sweep",
     "SweepError", "TrainConfig", "apply_overrides", "differences", "load_sweep", "max_runs", "n_train", "overrides_id",
     "read_toml", "said_differences", "sweep_from_dict", "varying",
 ]

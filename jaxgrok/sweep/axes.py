@@ -1,6 +1,6 @@
 """The axes of a sweep: the values that vary inside one compiled program, each declared once.
 
-An axis is one entry of `TABLE`: its name, whether it is a seed (an integer) or a float, its default
+An axis is one entry of `TABLE`: its name, whether it is a seed or another integer or a float, its default
 (None: the sweep file must give it), its check, its place in the enumeration of runs and among the
 columns of runs.parquet, and how it enters the run hash. Everything that names the axes is derived
 from the table: reading `[sweep]` (below), the compiled program's per-run arguments (train.Hparams),
@@ -41,6 +41,16 @@ class Axis:
     # Where the program takes not the value but a count made from it on the host: train_fraction
     # enters as n_train = round(train_fraction · N) (Sweep.n_train).
     counted_as: str | None = None
+    # An integer that is not a seed (int64 in runs.parquet, int32 in the program).
+    integer: bool = False
+    # An axis that is also a [train] key (batch_size): where it takes one value it is that key, and a
+    # run's hash holds its own value as that key, so a swept run hashes as the same run set alone.
+    train_key: bool = False
+
+    @property
+    def is_int(self) -> bool:
+        """Whether its values are integers (seeds and counts)."""
+        return self.seed or self.integer
 
     @property
     def arg(self) -> str:
@@ -50,7 +60,7 @@ class Axis:
     @property
     def arg_dtype(self) -> type:
         """Its dtype there: seeds and counts int32, the rest float32."""
-        return np.int32 if self.seed or self.counted_as else np.float32
+        return np.int32 if self.is_int or self.counted_as else np.float32
 
 
 SEED_RANGE = (lambda v: 0 <= v < 2**31, "must be in [0, 2³¹)")
@@ -79,11 +89,16 @@ TABLE = (
     # Omnigrok's constrained runs (Liu et al. 2023): 1 rescales the weights after every step to the
     # global L2 norm they started with (init_scale included); 0 leaves them alone.
     Axis("constrain_norm", False, 0.0, (lambda v: v in (0, 1), "must be 0 or 1"), rank=-2, column=12, later=True),
+    # The minibatch size (0: the full batch), [train] batch_size where it is not swept: each run draws
+    # its own, padded to the sweep's largest with the rest weighted zero.
+    Axis("batch_size", False, 0, (lambda v: 0 <= v < 2**31, "must be in [0, 2³¹) (0 = full batch)"), rank=-3, column=13, later=True,
+         integer=True, train_key=True),
 )
 BY_NAME = {a.name: a for a in TABLE}
 AXES = tuple(a.name for a in sorted(TABLE, key=lambda a: a.rank))  # the order runs are enumerated in
 COLUMNS = tuple(sorted(TABLE, key=lambda a: a.column))  # the order of runs.parquet's axis columns
 SEED_AXES = tuple(a.name for a in TABLE if a.seed)
+INT_AXES = tuple(a.name for a in TABLE if a.is_int)
 REQUIRED_AXES = tuple(a.name for a in TABLE if a.default is None and a.follows is None)
 AXIS_DEFAULTS = {a.name: a.default for a in TABLE if a.default is not None}
 LATER_AXES = {a.name: a.default for a in TABLE if a.later}
@@ -127,7 +142,7 @@ def axis_values(axis: Axis, value, where) -> list:
         values = value if isinstance(value, list) else [value]
     if not values:
         raise SweepError(f"{where}: empty axis")
-    typ = int if axis.seed else float
+    typ = int if axis.is_int else float
     values = [coerce(v, typ, where) for v in values]
     pred, message = axis.check
     for v in values:
@@ -162,7 +177,7 @@ def _groups(zips, values: dict, where: str) -> list[tuple[str, ...]]:
 
 def expand(table: dict, where: str) -> dict[str, np.ndarray]:
     """`[sweep]` as the table of runs: the product of the axes (a zip group's axes vary together),
-    one column per axis (int64 seeds, float64 values), one entry per run."""
+    one column per axis (int64 seeds and counts, float64 values), one entry per run."""
     if not isinstance(table, dict):
         raise SweepError(f"{where}: must be a table")
     zips = table.get("zip", [])
@@ -189,7 +204,7 @@ def expand(table: dict, where: str) -> dict[str, np.ndarray]:
         for g, vals in zip(groups, combo):
             for a, v in zip(g, vals):
                 cols[a].append(v)
-    out = {a: np.asarray(cols[a], dtype=np.int64 if BY_NAME[a].seed else np.float64) for a in AXES}
+    out = {a: np.asarray(cols[a], dtype=np.int64 if BY_NAME[a].is_int else np.float64) for a in AXES}
     for axis in TABLE:
         if axis.follows and axis.name not in table:
             out[axis.name] = out[axis.follows].copy()

@@ -100,6 +100,7 @@ class Static:
     grokfast: bool = False  # some run filters its gradients (grokfast_lambda > 0)
     orthograd: bool = False  # some run projects its gradients (orthograd = 1)
     constrain_norm: bool = False  # some run holds its weight norm (constrain_norm = 1)
+    batch_varies: bool = False  # the runs draw minibatches of different sizes (train.batch_size: the largest)
 
     @property
     def loss(self) -> str:

@@ -12,8 +12,11 @@ them), so the rules that keep an older run's hash as the package grew are all he
 - An axis added later (`later` in axes.py) is left out at its default.
 - An axis that follows another (batch_seed, the model seed's minibatch order) is left out where equal to it.
 - A registered class's module and name are in (registry.origins); jaxgrok's own classes add nothing.
-- A full batch padded past its run's own pairs, and a program with a Grokfast filter, ⊥Grad or the
-  constrained norm in it, are in (they round differently), and nothing is added where none is the case.
+- A swept batch size is in as the run's own [train] batch_size (a run of a batch-size sweep hashes as
+  the same run with that fixed key).
+- A full batch padded past its run's own pairs, a minibatch drawn past its run's own size, and a
+  program with a Grokfast filter, ⊥Grad or the constrained norm in it, are in (they round
+  differently), and nothing is added where none is the case.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
+
 from jaxgrok import measures, registry
-from jaxgrok.sweep.axes import AXES, TABLE
+from jaxgrok.sweep.axes import AXES, BY_NAME, TABLE
 
 # [train] keys that decide how the work is cut, not what is computed.
 NOT_HASHED_TRAIN = ("chunk_steps", "max_runs_per_batch")
@@ -54,11 +59,11 @@ def static_part(resolved: dict, task, model) -> str:
 
 
 def run_part(values: dict, padded_to: int | None, grokfast_program: bool, orthograd_program: bool = False,
-             constrain_program: bool = False) -> str:
+             constrain_program: bool = False, batch_padded_to: int | None = None) -> str:
     """The part of one run's hash that its axis values give (name -> Python scalar), as canonical JSON."""
-    hp = dict(values)
+    hp = {k: v for k, v in values.items() if not BY_NAME[k].train_key}  # those are in the static part
     for axis in TABLE:
-        if axis.later and hp[axis.name] == axis.default:  # an axis added later, at its default
+        if axis.later and hp.get(axis.name) == axis.default:  # an axis added later, at its default
             del hp[axis.name]
     for axis in TABLE:
         if axis.follows and hp[axis.name] == hp[axis.follows]:  # batch_seed equal to seed
@@ -67,6 +72,9 @@ def run_part(values: dict, padded_to: int | None, grokfast_program: bool, orthog
     # its sums round: a run padded past its own pairs is a different computation.
     if padded_to is not None:
         hp["padded_to"] = padded_to
+    # So is a minibatch drawn at the sweep's largest size and weighed at the run's own.
+    if batch_padded_to is not None:
+        hp["batch_padded_to"] = batch_padded_to
     # Likewise a program with a Grokfast filter in it: with λ = 0 the optimizer gets the same
     # gradients, but XLA fuses its arithmetic differently and the last bits differ.
     if grokfast_program:
@@ -80,13 +88,17 @@ def run_part(values: dict, padded_to: int | None, grokfast_program: bool, orthog
 
 def run_hashes(sweep) -> list[str]:
     """Every run's hash, 16 hex digits, in run order."""
-    static = static_part(sweep.resolved, sweep.static.task, sweep.static.model)
-    full_batch, n_max = not sweep.static.train.batch_size, sweep.static.n_train_max
+    resolved, st = sweep.resolved, sweep.static
+    # A swept batch size hashes as the run's own [train] batch_size (one static part per size).
+    statics = {int(b): static_part(resolved | {"train": resolved["train"] | {"batch_size": int(b)}}, st.task, st.model)
+               for b in np.unique(sweep.runs["batch_size"])}
+    full_batch, n_max, b_max = not st.train.batch_size, st.n_train_max, st.train.batch_size
     out = []
     for i in range(sweep.n_runs):
         values = {a: sweep.runs[a][i].item() for a in AXES}
         padded = n_max if full_batch and sweep.n_train[i] < n_max else None
-        blob = static + run_part(values, padded, sweep.static.grokfast, sweep.static.orthograd,
-                                  sweep.static.constrain_norm)
+        b = values["batch_size"]
+        blob = statics[b] + run_part(values, padded, st.grokfast, st.orthograd, st.constrain_norm,
+                                     b_max if b < b_max else None)
         out.append(hashlib.sha256(blob.encode()).hexdigest()[:16])
     return out

@@ -10,6 +10,8 @@ import dataclasses
 import re
 from pathlib import Path
 
+import numpy as np
+
 from jaxgrok import measures, models, registry, tasks  # noqa: F401 - models: its built-in classes registered
 from jaxgrok.sweep.axes import SweepError, expand, n_train
 from jaxgrok.sweep.config import GrokkingConfig, MeasuresConfig, Static, Sweep, TrainConfig, build
@@ -49,12 +51,10 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
     sizes = n_train(runs["train_fraction"], n_pairs)
     if sizes.min() < 1 or sizes.max() >= n_pairs:
         raise SweepError(f"{where}: sweep.train_fraction: leaves an empty training or validation set of {n_pairs} pairs")
-    if train.batch_size and train.batch_size > sizes.min():
-        raise SweepError(f"{where}: train.batch_size: larger than the smallest training set ({sizes.min()} pairs)")
-
-    static = Static(task, model, train, grokking, measures, n_train_min=int(sizes.min()), n_train_max=int(sizes.max()),
+    static = Static(task, model, _batch_sizes(raw["sweep"], runs, train, sizes, where), grokking, measures, n_train_min=int(sizes.min()), n_train_max=int(sizes.max()),
                     grokfast=bool((runs["grokfast_lambda"] > 0).any()), orthograd=bool((runs["orthograd"] > 0).any()),
-                    constrain_norm=bool((runs["constrain_norm"] > 0).any()))
+                    constrain_norm=bool((runs["constrain_norm"] > 0).any()),
+                    batch_varies=len(np.unique(runs["batch_size"])) > 1)
     resolved = {
         "name": raw.get("name", default_name),
         "paper": raw["paper"],
@@ -67,6 +67,27 @@ def sweep_from_dict(raw: dict, where: str = "<sweep>", default_name: str = "swee
         "sweep": raw["sweep"],
     }
     return Sweep(resolved["name"], raw["paper"], resolved["description"], where, static, runs, resolved)
+
+
+def _batch_sizes(table: dict, runs: dict, train: TrainConfig, sizes, where: str) -> TrainConfig:
+    """The minibatch size: [train] batch_size for every run, or swept in [sweep] batch_size, where the
+    program draws the largest and each run weighs its own first draws: the program's [train] batch_size
+    is that largest (the file's, in `resolved`, stays as it was given)."""
+    if "batch_size" not in table:
+        runs["batch_size"][:] = train.batch_size
+        key = "train.batch_size"
+    elif train.batch_size:
+        raise SweepError(f"{where}: sweep.batch_size: give the batch size in [train] or in [sweep], not both")
+    else:
+        key = "sweep.batch_size"
+    b = runs["batch_size"]
+    if (b == 0).any() and (b > 0).any():
+        raise SweepError(f"{where}: sweep.batch_size: 0 (the full batch) cannot be swept with minibatch sizes; "
+                         f"give the training set's size ({sizes.min()} pairs) instead")
+    if (b > sizes).any():
+        i = int(np.argmax(b > sizes))
+        raise SweepError(f"{where}: {key}: {b[i]} is larger than a run's training set ({sizes[i]} pairs)")
+    return dataclasses.replace(train, batch_size=int(b.max()))
 
 
 def _check_top(raw, where: str) -> None:
