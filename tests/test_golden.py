@@ -26,7 +26,7 @@ PRESETS = sorted(ROOT.glob("sweeps/*.toml")) + [ROOT / "docs/examples/sparse_par
 
 # Sweeps that reach each rule of the run hash the presets may not: an axis added later, off its
 # default; a minibatch order of its own; a padded full batch; a program with a Grokfast filter in it;
-# another precision; the LLC and the measures table.
+# another precision; the LLC and the measures table; swept batch sizes.
 VARIANTS = {
     "later_axes": make_raw(sweep={"seed": [0, 1], "init_noise": [0.0, 1e-3], "noise_seed": [0, 2],
                                   "weight_decay": 1.0, "learning_rate": 1e-2, "train_fraction": 0.5}),
@@ -39,6 +39,8 @@ VARIANTS = {
     "bfloat16_sgd": make_raw(train={"precision": "bfloat16", "optimizer": "sgd"}),
     "measures": make_raw(measures={"llc": True, "llc_every": 2, "fourier": False}),
     "transformer": make_raw(model={"kind": "transformer", "d_model": 32, "n_heads": 4, "d_mlp": 64}),
+    "batch_sizes": make_raw(sweep={"seed": [0, 1], "batch_size": [32, 64, 128], "weight_decay": 1.0,
+                                   "learning_rate": 1e-2, "train_fraction": 0.5}),
 }
 
 
